@@ -1,0 +1,169 @@
+"""checkpoint.py — atomic checkpoint folders: safetensors + JSON config, keep-last-K, load by path.
+
+A checkpoint is a folder. It is written under a hidden temp name (``.tmp-<name>-<pid>``) in the
+same parent, flushed to disk, then renamed into place — a rename within one filesystem is atomic,
+so a loader never sees a half-written checkpoint: a process killed mid-save leaves only a hidden
+temp folder (ignored by loaders, cleaned by the next save) and the previous checkpoints intact.
+
+``atomic_dir`` is the primitive (any writer — ``save_pretrained``, DeepSpeed, accelerate — can
+write inside it); ``CheckpointManager`` adds numbered ``checkpoint-<step>`` folders, keep-last-K
+and ``latest()`` for ``--resume auto``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vilex.errors import UserError
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+_TMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
+_STEP_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file (and the folder entries) under ``path`` to disk before the rename."""
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    for d in [path, *[p for p in path.rglob("*") if p.is_dir()]]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temp folder beside ``final``; on normal exit it becomes ``final`` atomically.
+
+    If ``final`` already exists it is replaced (old one moved aside first, then deleted). On an
+    exception the temp folder is removed and ``final`` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if final.exists():
+            trash = final.parent / f"{_TRASH_PREFIX}{final.name}-{os.getpid()}"
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_tensors(folder: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any] | None = None,
+                 weights_name: str = WEIGHTS_NAME) -> None:
+    """Write ``tensors`` as safetensors and ``config`` as JSON into an (existing) folder."""
+    folder = Path(folder)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / weights_name))
+    if config is not None:
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+
+
+def load_tensors(folder: str | Path, weights_name: str = WEIGHTS_NAME) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load (tensors, config) from a checkpoint folder; a missing folder or file is a UserError."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"checkpoint folder not found: {folder}")
+    wfile = folder / weights_name
+    if not wfile.is_file():
+        raise UserError(f"{folder} is not a checkpoint: {weights_name} missing")
+    cfile = folder / CONFIG_NAME
+    config = json.loads(cfile.read_text()) if cfile.is_file() else {}
+    return load_file(str(wfile)), config
+
+
+def save_checkpoint(folder: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any] | None = None) -> Path:
+    """Atomically write a safetensors + config.json checkpoint folder."""
+    with atomic_dir(folder) as tmp:
+        save_tensors(tmp, tensors, config)
+    return Path(folder)
+
+
+class CheckpointManager:
+    """Numbered checkpoints ``<root>/checkpoint-<step>``: atomic save, keep last K, find latest."""
+
+    def __init__(self, root: str | Path, keep_last: int | None = 3) -> None:
+        if keep_last is not None and keep_last < 1:
+            raise UserError(f"keep_last must be >= 1 or None, got {keep_last}")
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def path_for(self, step: int) -> Path:
+        return self.root / f"checkpoint-{step}"
+
+    def list(self) -> list[Path]:
+        """Complete checkpoints, oldest first (temp/trash folders are never listed)."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def latest(self) -> Path | None:
+        ckpts = self.list()
+        return ckpts[-1] if ckpts else None
+
+    def clean_stale(self) -> None:
+        """Remove temp/trash folders left by a process killed mid-save."""
+        if not self.root.is_dir():
+            return
+        for p in self.root.iterdir():
+            if p.is_dir() and p.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
+                log.warning("removing incomplete checkpoint folder %s (left by an interrupted save)", p)
+                shutil.rmtree(p, ignore_errors=True)
+
+    def save(self, step: int, write: Callable[[Path], None]) -> Path:
+        """Call ``write(tmp_folder)`` and publish it atomically as ``checkpoint-<step>``; prune old ones."""
+        self.clean_stale()
+        final = self.path_for(step)
+        with atomic_dir(final) as tmp:
+            write(tmp)
+        self.prune()
+        return final
+
+    def prune(self) -> None:
+        if self.keep_last is None:
+            return
+        for old in self.list()[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def resolve(self, resume: str | None) -> Path | None:
+        """``--resume`` semantics: None/'' -> None; 'auto' -> latest or None; a path -> that path (must exist)."""
+        if not resume:
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        if not path.is_dir():
+            raise UserError(f"--resume: checkpoint folder not found: {path}")
+        return path

@@ -1,0 +1,145 @@
+"""cli/main.py — the ``vilex`` console script.
+
+Each subcommand is a ``Command`` registered in ``COMMANDS`` by a small module under
+``vilex/cli/`` (listed in ``_COMMAND_MODULES``). Modules keep heavy imports (torch, diffusers)
+inside their ``run`` functions so ``vilex --help`` stays instant.
+
+User errors (``vilex.errors.UserError``: bad config, missing file, bad data) print one line
+``error: …`` to stderr and exit with code 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+from vilex.errors import UserError
+from vilex.registry import Registry
+
+
+@dataclass
+class Command:
+    """One subcommand: its help line, how to add its arguments, and what it runs."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+    group: str | None = None  # e.g. "toy" for "vilex toy generate"
+    aliases: list[str] = field(default_factory=list)
+
+
+COMMANDS: Registry[Command] = Registry("command")
+
+# Modules whose import registers commands. Order = order in `vilex --help`.
+_COMMAND_MODULES: list[str] = []
+_OPTIONAL_MODULES: list[str] = [  # stages that register themselves when present
+    "vilex.cli.toy_cmd",
+    "vilex.cli.data_cmd",
+    "vilex.cli.demo_cmd",
+    "vilex.cli.stage1_cmd",
+    "vilex.cli.train_cmd",
+    "vlm.cli",
+    "benchmarks.cli",
+]
+
+_GROUP_HELP = {
+    "toy": "the procedural toy world: generate data, pretrain the toy models",
+    "data": "inspect image sources through the data layer",
+}
+
+
+def command(name: str, help: str, group: str | None = None):
+    """Decorator: register ``run(args)``; the decorated function's ``configure`` attribute adds args."""
+
+    def deco(configure: Callable[[argparse.ArgumentParser], None]):
+        def wrap(run: Callable[[argparse.Namespace], int | None]):
+            key = f"{group} {name}" if group else name
+            COMMANDS.register(key, Command(name=name, help=help, configure=configure, run=run, group=group))
+            return run
+
+        return wrap
+
+    return deco
+
+
+def add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """The ``--config FILE`` + repeated ``--set a.b=value`` pair shared by config-driven commands."""
+    p.add_argument("--config", required=required, help="experiment YAML under configs/")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+
+
+def _load_command_modules() -> None:
+    for mod in _COMMAND_MODULES:
+        importlib.import_module(mod)
+    for mod in _OPTIONAL_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name is None or not mod.startswith(e.name):
+                raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_command_modules()
+    parser = argparse.ArgumentParser(
+        prog="vilex",
+        description="ViLex suite: pretrain the ViLex tokenizer, train the VLM, run benchmarks, play in the toy world.",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("VILEX_LOG_LEVEL", "INFO"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging verbosity")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for key in [k for k in COMMANDS._entries]:  # registration order
+        cmd = COMMANDS.get(key)
+        target = sub
+        if cmd.group:
+            if cmd.group not in groups:
+                gp = sub.add_parser(cmd.group, help=_GROUP_HELP.get(cmd.group, cmd.group),
+                                    description=_GROUP_HELP.get(cmd.group))
+                groups[cmd.group] = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+                gp.set_defaults(_group_parser=gp)
+            target = groups[cmd.group]
+        p = target.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.configure(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    try:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False)
+        fmt = "%(message)s"
+    except ImportError:  # pragma: no cover
+        handler = logging.StreamHandler()
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="[%X]", handlers=[handler], force=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run = getattr(args, "_run", None)
+    if run is None:
+        (getattr(args, "_group_parser", None) or parser).print_help()
+        return 0 if args.command is None else 2
+    setup_logging(args.log_level)
+    try:
+        return int(run(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
