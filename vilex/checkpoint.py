@@ -48,6 +48,33 @@ def _fsync_tree(path: Path) -> None:
             os.close(fd)
 
 
+def temp_dir_for(final: str | Path, tag: str | int | None = None) -> Path:
+    """The hidden temp folder a save of ``final`` writes into (``tag`` defaults to this pid).
+
+    Multi-process saves pass a tag all ranks agree on (e.g. the step) so they share one folder.
+    """
+    final = Path(final)
+    return final.parent / f"{_TMP_PREFIX}{final.name}-{os.getpid() if tag is None else tag}"
+
+
+def publish_dir(tmp: str | Path, final: str | Path) -> None:
+    """Flush ``tmp`` to disk and rename it to ``final`` (replacing an existing ``final``) atomically."""
+    tmp, final = Path(tmp), Path(final)
+    _fsync_tree(tmp)
+    if final.exists():
+        trash = final.parent / f"{_TRASH_PREFIX}{final.name}-{os.getpid()}"
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temp folder beside ``final``; on normal exit it becomes ``final`` atomically.
@@ -57,25 +84,13 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
+    tmp = temp_dir_for(final)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_tree(tmp)
-        if final.exists():
-            trash = final.parent / f"{_TRASH_PREFIX}{final.name}-{os.getpid()}"
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -113,9 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def setup_logging(level: str) -> None:
     try:
+        from rich.console import Console
         from rich.logging import RichHandler
 
-        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=False)
+        # logs go to stderr: stdout is for results (JSON, paths) that scripts parse
+        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
         fmt = "%(message)s"
     except ImportError:  # pragma: no cover
         handler = logging.StreamHandler()
