@@ -1,0 +1,196 @@
+"""conditioning.py — THE one function that turns ViLex tokens (and/or a prompt) into UNet conditioning.
+
+Training (ViLexModel.forward) and inference (ViLexPipeline: reconstruct, compose, CFG's empty prompt)
+all call ``build_text_conditioning``; nothing else builds text-encoder inputs.
+
+Layout, exactly as the tokenizer lays out real text (L = context length, 77 for CLIP):
+
+    [BOS, v_1 .. v_m, c_1 .. c_k, EOS, PAD, ..., PAD]
+
+``v`` are ViLex tokens (continuous, placed where word embeddings go), ``c`` the prompt's token ids
+(without BOS/EOS). The PAD id comes from the tokenizer and DIFFERS between decoders: SD1.x's CLIP-L
+tokenizer pads with EOS (49407), SD2.x's OpenCLIP-H tokenizer pads with "!" (id 0). Pads are real inputs
+(the UNet cross-attends to all L states), so using the wrong one would shift every hidden state.
+
+The frozen text encoder then runs as its own forward does (transformers v5: ``CLIPTextModel.forward``
+takes no ``inputs_embeds``): ``embeddings(inputs_embeds=...)`` (adds position embeddings), a causal mask
+from ``transformers.masking_utils.create_causal_mask`` (plus the padding mask only if the encoder's
+config sets ``use_attention_mask``, as diffusers' ``encode_prompt`` does), ``encoder(...)``,
+``final_layer_norm``. With ``clip_skip = k > 0`` the output of the k-th layer from the end is taken
+(then the final LayerNorm), matching diffusers' ``clip_skip``. For a plain prompt (no ViLex tokens) the
+result equals ``StableDiffusionPipeline.encode_prompt`` (tested).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vilex.errors import UserError
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Token ids and context length of a decoder's tokenizer (the only facts the layout needs)."""
+
+    bos: int
+    eos: int
+    pad: int
+    context_length: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> SpecialTokens:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return cls(bos=int(tokenizer.bos_token_id), eos=int(tokenizer.eos_token_id), pad=int(pad),
+                   context_length=int(tokenizer.model_max_length))
+
+
+@dataclass
+class TextLayout:
+    """Where everything sits in the L text positions of each sample (B rows)."""
+
+    input_ids: torch.Tensor       # (B, L) int64; ViLex positions hold the pad id (their embedding is replaced)
+    vilex_mask: torch.Tensor      # (B, L) bool; True at the m ViLex positions 1..m
+    attention_mask: torch.Tensor  # (B, L) int64; 1 for BOS..EOS, 0 for padding (what the tokenizer returns)
+    eos_index: torch.Tensor       # (B,) int64; position of EOS
+    num_vilex: torch.Tensor       # (B,) int64; m per sample
+
+
+def _as_num_keep(num_keep: int | torch.Tensor | None, batch_size: int, num_available: int) -> list[int]:
+    if num_keep is None:
+        values = [num_available] * batch_size
+    elif isinstance(num_keep, torch.Tensor):
+        values = [int(v) for v in num_keep.reshape(-1).tolist()]
+        if len(values) == 1:
+            values = values * batch_size
+    else:
+        values = [int(num_keep)] * batch_size
+    if len(values) != batch_size:
+        raise ValueError(f"num_keep has {len(values)} entries for a batch of {batch_size}")
+    for m in values:
+        if m < 0:
+            raise UserError(f"num_tokens must be >= 0, got {m}")
+        if m > num_available:
+            raise UserError(f"num_tokens={m} is more than the {num_available} ViLex tokens this encoder makes: "
+                            f"at most {num_available} fit")
+    return values
+
+
+def _as_prompts(prompt_ids: Sequence[Sequence[int]] | None, batch_size: int) -> list[list[int]]:
+    if prompt_ids is None:
+        return [[] for _ in range(batch_size)]
+    prompts = [list(map(int, p)) for p in prompt_ids]
+    if len(prompts) == 1 and batch_size > 1:
+        prompts = prompts * batch_size
+    if len(prompts) != batch_size:
+        raise ValueError(f"{len(prompts)} prompts for a batch of {batch_size}")
+    return prompts
+
+
+def build_text_layout(special: SpecialTokens, num_keep: int | torch.Tensor | None = None,
+                      prompt_ids: Sequence[Sequence[int]] | None = None, batch_size: int | None = None,
+                      num_available: int | None = None, device: torch.device | str | None = None) -> TextLayout:
+    """The token layout ``[BOS, v_1..v_m, prompt, EOS, pad...]`` per sample, with its masks and EOS index.
+
+    ``num_available`` is n (how many ViLex tokens exist); asking for more, or more than the context holds
+    together with the prompt, is a UserError that says how many fit.
+    """
+    if batch_size is None:
+        if isinstance(num_keep, torch.Tensor) and num_keep.numel() > 1:
+            batch_size = num_keep.numel()
+        elif prompt_ids is not None:
+            batch_size = len(prompt_ids)
+        else:
+            batch_size = 1
+    length = special.context_length
+    fit = length - 2
+    if num_available is None:
+        num_available = fit
+    keep = _as_num_keep(num_keep, batch_size, num_available)
+    prompts = _as_prompts(prompt_ids, batch_size)
+    ids, vmask, amask, eos = [], [], [], []
+    for m, prompt in zip(keep, prompts):
+        if m + len(prompt) > fit:
+            if m == 0 or len(prompt) > fit:
+                raise UserError(f"the prompt has {len(prompt)} tokens but the {length}-token text context holds "
+                                f"at most {fit} (BOS and EOS take 2)")
+            raise UserError(f"{m} ViLex tokens + {len(prompt)} prompt tokens do not fit the {length}-token text "
+                            f"context: at most {fit} fit together (BOS and EOS take 2), so at most "
+                            f"{max(fit - len(prompt), 0)} ViLex tokens with this prompt")
+        used = 2 + m + len(prompt)
+        ids.append([special.bos] + [special.pad] * m + prompt + [special.eos] + [special.pad] * (length - used))
+        vmask.append([False] + [True] * m + [False] * (length - 1 - m))
+        amask.append([1] * used + [0] * (length - used))
+        eos.append(used - 1)
+    return TextLayout(
+        input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+        vilex_mask=torch.tensor(vmask, dtype=torch.bool, device=device),
+        attention_mask=torch.tensor(amask, dtype=torch.long, device=device),
+        eos_index=torch.tensor(eos, dtype=torch.long, device=device),
+        num_vilex=torch.tensor(keep, dtype=torch.long, device=device),
+    )
+
+
+def _text_core(text_encoder: Any) -> Any:
+    """The module holding embeddings/encoder/final_layer_norm (flat in v5 CLIPTextModel; ``.text_model``
+    in CLIPTextModelWithProjection)."""
+    return getattr(text_encoder, "text_model", text_encoder)
+
+
+def build_text_conditioning(text_encoder: Any, special: SpecialTokens, vilex_tokens: torch.Tensor | None = None,
+                            num_keep: int | torch.Tensor | None = None,
+                            prompt_ids: Sequence[Sequence[int]] | None = None, clip_skip: int = 0,
+                            use_attention_mask: bool | None = None, return_layout: bool = False
+                            ) -> torch.Tensor | tuple[torch.Tensor, TextLayout]:
+    """Frozen-text-encoder hidden states (B, L, W) for ``[BOS, v_1..v_m, prompt, EOS, pad...]``.
+
+    Args:
+        text_encoder: the decoder's (frozen) CLIP text encoder.
+        special: BOS/EOS/PAD ids and context length of the decoder's tokenizer.
+        vilex_tokens: (B, n, D) ViLex tokens or None (plain prompt).
+        num_keep: m, an int or (B,) tensor; None = all n (0 when ``vilex_tokens`` is None).
+        prompt_ids: per-sample prompt token ids without BOS/EOS (one list is broadcast to the batch); None = none.
+        clip_skip: 0 = last layer; k = the k-th layer from the end (then the final LayerNorm).
+        use_attention_mask: apply the padding mask too; None = the encoder config's ``use_attention_mask``.
+        return_layout: also return the ``TextLayout`` (tests compare training and inference layouts).
+    """
+    core = _text_core(text_encoder)
+    embedding = core.embeddings.token_embedding
+    device = embedding.weight.device
+    if vilex_tokens is not None:
+        batch_size, num_available, width = vilex_tokens.shape
+        if width != embedding.weight.shape[1]:
+            raise ValueError(f"ViLex tokens have width {width}, the text encoder's embeddings "
+                             f"{embedding.weight.shape[1]}")
+    else:
+        batch_size = (len(prompt_ids) if prompt_ids is not None
+                      else (num_keep.numel() if isinstance(num_keep, torch.Tensor) else 1))
+        num_available = 0
+    layout = build_text_layout(special, num_keep, prompt_ids, batch_size=batch_size, num_available=num_available,
+                               device=device)
+
+    embeds = embedding(layout.input_ids)
+    if vilex_tokens is not None and num_available > 0:
+        placed = torch.zeros_like(embeds)
+        placed[:, 1:1 + num_available] = vilex_tokens.to(device=device, dtype=embeds.dtype)
+        embeds = torch.where(layout.vilex_mask.unsqueeze(-1), placed, embeds)
+    hidden = core.embeddings(inputs_embeds=embeds)
+
+    from transformers.masking_utils import create_causal_mask
+
+    if use_attention_mask is None:
+        use_attention_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
+    mask = create_causal_mask(config=text_encoder.config, inputs_embeds=hidden,
+                              attention_mask=layout.attention_mask if use_attention_mask else None, cache=None)
+    if clip_skip == 0:
+        hidden = core.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
+    else:
+        layers = core.encoder.layers
+        if clip_skip >= len(layers):
+            raise UserError(f"decoder.clip_skip={clip_skip} but the text encoder has only {len(layers)} layers")
+        for layer in layers[: len(layers) - clip_skip]:
+            hidden = layer(hidden, mask, is_causal=True)
+    hidden = core.final_layer_norm(hidden)
+    return (hidden, layout) if return_layout else hidden

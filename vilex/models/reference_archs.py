@@ -1,0 +1,86 @@
+"""reference_archs.py — the architecture configs of the real-scale components, written out offline.
+
+Nothing can be downloaded here, yet we must check that the shipped real-scale experiment configs build
+and know how big they are, and the GPU benchmark must run SD2.1-base/SigLIP-so400m-SHAPED models with
+random weights. These dicts are the public ``config.json`` architecture fields of those checkpoints
+(copied by hand from their model cards' configs; weights are never involved). ``REFERENCE_ARCHS`` maps an
+exact hub id to them — an explicit table used only for meta-device builds and benchmarks, never to
+choose a class for loading real weights.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+_SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+               act_fn="silu", block_out_channels=[128, 256, 512, 512],
+               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+               scaling_factor=0.18215, sample_size=512)
+
+_UNET_COMMON = dict(in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280, 1280],
+                    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+                    norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
+                    mid_block_scale_factor=1, center_input_sample=False, sample_size=64)
+
+SD21_BASE = {
+    "unet": dict(_UNET_COMMON, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True),
+    "vae": _SD_VAE,
+    "text_encoder": dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                         num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=1),
+    "prediction_type": "epsilon",
+    "image_size": 512,
+}
+
+SD15 = {
+    "unet": dict(_UNET_COMMON, cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False),
+    "vae": _SD_VAE,
+    "text_encoder": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                         projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=1),
+    "prediction_type": "epsilon",
+    "image_size": 512,
+}
+
+SIGLIP_SO400M_224 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                         image_size=224, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+SIGLIP_SO400M_384 = dict(SIGLIP_SO400M_224, image_size=384)
+SIGLIP_BASE_224 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+
+REFERENCE_ARCHS: dict[str, dict[str, Any]] = {
+    "stabilityai/stable-diffusion-2-1-base": SD21_BASE,
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": SD15,
+    "google/siglip-so400m-patch14-224": {"vision": SIGLIP_SO400M_224},
+    "google/siglip-so400m-patch14-384": {"vision": SIGLIP_SO400M_384},
+    "google/siglip-base-patch16-224": {"vision": SIGLIP_BASE_224},
+}
+
+
+def build_reference(hub_id: str, part: str, device: str | torch.device = "meta") -> torch.nn.Module:
+    """Build a random-weight module of a reference architecture (``meta`` device: no memory used)."""
+    arch = REFERENCE_ARCHS[hub_id]
+    with torch.device(device):
+        if part == "unet":
+            from diffusers import UNet2DConditionModel
+
+            return UNet2DConditionModel(**arch["unet"])
+        if part == "vae":
+            from diffusers import AutoencoderKL
+
+            return AutoencoderKL(**arch["vae"])
+        if part == "text_encoder":
+            from transformers import CLIPTextConfig, CLIPTextModel
+
+            return CLIPTextModel(CLIPTextConfig(**arch["text_encoder"]))
+        if part == "vision":
+            from transformers import SiglipVisionConfig, SiglipVisionModel
+
+            return SiglipVisionModel(SiglipVisionConfig(**arch["vision"]))
+    raise KeyError(f"{hub_id} has no part '{part}'")
+
+
+def num_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,194 @@
+"""tiny.py — tiny, randomly initialised stand-ins for the real components (tests, benchmarks, smoke runs).
+
+Every builder writes a folder in exactly the layout the real weights come in, so the code under test
+loads it through the same ``from_pretrained(name_or_path)`` path as a hub id:
+
+* ``build_tiny_sd``           a diffusers StableDiffusionPipeline folder (model_index.json, unet/, vae/,
+                              text_encoder/, tokenizer/, scheduler/). ``pad="eos"`` gives an SD1-like
+                              tokenizer (CLIP-L: pad = EOS), ``pad="!"`` an SD2-like one (OpenCLIP-H: pad id 0).
+* ``build_tiny_pixel_decoder`` a pixel-space decoder folder (unet/ with 3 in/out channels, text_encoder/,
+                              tokenizer/, scheduler/; no VAE) — the Imagen/DeepFloyd-IF-style "pixel_unet".
+* ``build_tiny_siglip``       a ``SiglipVisionModel`` folder.
+* ``write_tiny_clip_tokenizer`` a byte-level BPE CLIPTokenizer built offline from a small vocabulary written
+                              here (256 byte symbols, their "</w>" forms, merges for a few words, BOS/EOS).
+
+All sizes are parameters; defaults build in well under a second. Weights come from a local seeded RNG
+(``torch.random.fork_rng``) so building never disturbs the caller's global RNG state.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from vilex.models.configs import DecoderConfig, PoolerConfig, TailDropConfig, ViLexConfig, VisionTowerConfig
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+
+DEFAULT_WORDS = ["a", "photo", "of", "an", "the", "and", "on", "in", "with", "at", "top", "bottom", "left", "right", "center", "small", "large", "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "gray", "beige", "navy", "circle", "square", "triangle", "cat", "dog", "sitting", "beach", "painting", "style", "watercolor", "wearing", "hat", "background", "object", "objects", "two", "three"]
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins for bytes used by byte-level BPE, in CLIP's vocabulary order
+    (printable ASCII first, so '!' gets id 0 — which is why SD2's pad id 0 means '!')."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    symbols = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in symbols:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in keep] + [symbols[b] for b in range(256) if b not in keep]
+
+
+def _merges_for(words: Iterable[str]) -> list[tuple[str, str]]:
+    """Left-to-right merges that turn each word into one '<word></w>' symbol (duplicates removed)."""
+    merges: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for word in words:
+        if len(word) < 2:
+            continue
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for nxt in pieces[1:]:
+            pair = (current, nxt)
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(pair)
+            current = current + nxt
+    return merges
+
+
+def write_tiny_clip_tokenizer(folder: str | Path, pad: Literal["eos", "!"] = "eos",
+                              words: Iterable[str] = DEFAULT_WORDS, context_length: int = 77):
+    """Write vocab.json + merges.txt and save a ``CLIPTokenizer`` built from them into ``folder``."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = _byte_symbols()
+    vocab_list = symbols + [s + "</w>" for s in symbols]
+    merges = _merges_for(words)
+    for left, right in merges:
+        vocab_list.append(left + right)
+    vocab_list += [BOS_TOKEN, EOS_TOKEN]
+    vocab = {}
+    for token in vocab_list:
+        vocab.setdefault(token, len(vocab))
+    # Real SD tokenizer folders hold vocab.json + merges.txt; load from those files like a real one.
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder), pad_token=EOS_TOKEN if pad == "eos" else "!",
+                                              model_max_length=context_length)
+    tokenizer.save_pretrained(str(folder))
+    return tokenizer
+
+
+def _tiny_text_encoder(vocab_size: int, width: int, layers: int, context_length: int, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
+                         num_hidden_layers=layers, num_attention_heads=max(1, width // 16),
+                         max_position_embeddings=context_length, projection_dim=width,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return CLIPTextModel(cfg)
+
+
+def _tiny_unet(channels: int, sample_size: int, width: int, cross_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=channels, out_channels=channels, layers_per_block=1,
+        block_out_channels=(width, 2 * width), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_dim,
+        attention_head_dim=8, norm_num_groups=8)
+
+
+def _scheduler(prediction_type: str):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                         beta_end=0.012, prediction_type=prediction_type, clip_sample=False,
+                         steps_offset=1)
+
+
+def build_tiny_sd(folder: str | Path, pad: Literal["eos", "!"] = "eos", prediction_type: str = "epsilon",
+                  width: int = 32, text_layers: int = 2, image_size: int = 16, context_length: int = 77,
+                  seed: int = 0) -> Path:
+    """A tiny Stable-Diffusion-like pipeline folder (VAE downsamples 2x; latents have 4 channels)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    folder = Path(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = write_tiny_clip_tokenizer(folder / "_tokenizer_build", pad=pad, context_length=context_length)
+        text_encoder = _tiny_text_encoder(len(tokenizer), width, text_layers, context_length, tokenizer)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(width, width),
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            layers_per_block=1, norm_num_groups=8, sample_size=image_size)
+        unet = _tiny_unet(4, image_size // 2, width, width)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=_scheduler(prediction_type), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.save_pretrained(str(folder), safe_serialization=True)
+    _remove_tree(folder / "_tokenizer_build")
+    return folder
+
+
+def build_tiny_pixel_decoder(folder: str | Path, pad: Literal["eos", "!"] = "eos", prediction_type: str = "epsilon",
+                             width: int = 32, text_layers: int = 2, image_size: int = 16, context_length: int = 77,
+                             seed: int = 0) -> Path:
+    """A tiny pixel-space decoder folder: unet/ (3 -> 3 channels), text_encoder/, tokenizer/, scheduler/."""
+    folder = Path(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = write_tiny_clip_tokenizer(folder / "tokenizer", pad=pad, context_length=context_length)
+        _tiny_text_encoder(len(tokenizer), width, text_layers, context_length, tokenizer).save_pretrained(
+            str(folder / "text_encoder"))
+        _tiny_unet(3, image_size, width, width).save_pretrained(str(folder / "unet"))
+        _scheduler(prediction_type).save_pretrained(str(folder / "scheduler"))
+    return folder
+
+
+def build_tiny_siglip(folder: str | Path, width: int = 32, layers: int = 2, image_size: int = 16,
+                      patch_size: int = 4, seed: int = 0) -> Path:
+    """A tiny ``SiglipVisionModel`` folder (no MAP head)."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SiglipVisionModel(SiglipVisionConfig(**tiny_siglip_init(width, layers, image_size, patch_size)))
+    model.save_pretrained(str(folder))
+    return Path(folder)
+
+
+def tiny_siglip_init(width: int = 32, layers: int = 2, image_size: int = 16, patch_size: int = 4) -> dict:
+    """``SiglipVisionConfig`` kwargs of a tiny tower (use as ``VisionTowerConfig(init=...)``)."""
+    return {"hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": layers,
+                "num_attention_heads": max(1, width // 16), "image_size": image_size, "patch_size": patch_size,
+                "vision_use_head": False}
+
+
+def tiny_vilex_config(decoder_path: str | Path, decoder_type: str = "stable_diffusion",
+                      vit_path: str | Path | None = None, num_tokens: int = 8, width: int = 32,
+                      image_size: int = 16, taildrop_prob: float = 0.5) -> ViLexConfig:
+    """A complete tiny ``ViLexConfig``: tiny SigLIP (from ``vit_path`` or random init), 1-block pooler."""
+    vit = (VisionTowerConfig(type="siglip", name_or_path=str(vit_path)) if vit_path is not None
+           else VisionTowerConfig(type="siglip", init=tiny_siglip_init(width, 2, image_size)))
+    return ViLexConfig(
+        vit=vit,
+        pooler=PoolerConfig(num_tokens=num_tokens, depth=1, heads=2, mlp_ratio=2.0, width=width),
+        taildrop=TailDropConfig(prob=taildrop_prob),
+        decoder=DecoderConfig(type=decoder_type, name_or_path=str(decoder_path)),
+    )
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
