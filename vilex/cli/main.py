@@ -39,6 +39,7 @@ COMMANDS: Registry[Command] = Registry("command")
 _COMMAND_MODULES: list[str] = []
 _OPTIONAL_MODULES: list[str] = [  # stages that register themselves when present
     "vilex.cli.toy_cmd",
+    "vilex.cli.toy_pretrain_cmd",
     "vilex.cli.data_cmd",
     "vilex.cli.demo_cmd",
     "vilex.cli.stage1_cmd",
@@ -123,6 +124,15 @@ def setup_logging(level: str) -> None:
         handler = logging.StreamHandler()
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level, format=fmt, datefmt="[%X]", handlers=[handler], force=True)
+    if level != "DEBUG":  # the libraries' per-file loading/saving bars drown our own progress bars
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        for lib in ("transformers", "diffusers"):
+            try:
+                mod = importlib.import_module(f"{lib}.utils.logging")
+                mod.disable_progress_bar()
+                mod.set_verbosity_error()
+            except ImportError:  # pragma: no cover
+                pass
 
 
 def main(argv: list[str] | None = None) -> int:

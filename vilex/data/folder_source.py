@@ -45,7 +45,7 @@ class FolderSource(MapImageSource):
             self.files: list[str] = sorted(self.metadata)
             ignored = len(found - set(self.metadata))
             if ignored:
-                log.info("%s: %d image files not named in %s are not samples", self.name, ignored, METADATA_FILE)
+                log.debug("%s: %d image files not named in %s are not samples", self.name, ignored, METADATA_FILE)
         else:
             self.files = sorted(found)
         if not self.files:

@@ -1,0 +1,234 @@
+"""Stage-1 training: the tiny config learns, the latent cache hits/misses/invalidates, the NaN guard, the
+shipped real-scale configs (built on the meta device), and config errors through the real CLI."""
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from pretrain_helpers import REPO, TINY_CONFIG, build_tiny_world, overrides
+
+from vilex.config import load_config
+from vilex.train.config import PretrainConfig
+from vilex.train.loop import NonFiniteLossError, Pretrainer
+
+
+@pytest.fixture(scope="module")
+def sd_world(tmp_path_factory):
+    return build_tiny_world(tmp_path_factory.mktemp("sd_world"), n=24)
+
+
+@pytest.fixture(scope="module")
+def pixel_world(tmp_path_factory):
+    return build_tiny_world(tmp_path_factory.mktemp("pixel_world"), decoder="pixel_unet", n=24)
+
+
+def _cfg(world, out, *extra, decoder="stable_diffusion"):
+    return load_config(PretrainConfig, TINY_CONFIG, overrides(world, out, "val.every=1000", *extra, decoder=decoder))
+
+
+def _fixed_loss(trainer, images):
+    """Mean loss over fixed seeds on fixed images, all tokens (no TailDrop): a noise-free training signal."""
+    pixels = (images - 0.5) / 0.5
+    trainer.encoder.eval()
+    with torch.no_grad():
+        tokens = trainer.encoder(pixels)
+        losses = [trainer.model.loss_from_tokens(tokens, pixels, generator=torch.Generator().manual_seed(s))["loss"]
+                  for s in range(8)]
+    trainer.encoder.train()
+    return float(torch.stack(losses).mean())
+
+
+def test_tiny_config_trains_loss_goes_down(pixel_world, tmp_path):
+    from vilex.train.validation import validation_images
+
+    cfg = _cfg(pixel_world, tmp_path, "train.max_steps=30", "train.checkpoint_every=1000", "model.taildrop.prob=0",
+               "train.optim.lr_pooler=3e-3", "train.optim.lr_vit=1e-3", "train.optim.warmup_steps=0",
+               "val.num_images=8", decoder="pixel_unet")
+    trainer = Pretrainer(cfg)
+    trainer.setup()
+    images = validation_images(cfg, 16)
+    before = _fixed_loss(trainer, images)
+    summary = trainer.run()
+    after = _fixed_loss(trainer, images)
+    assert summary["steps"] == 30 and len(summary["losses"]) == 30
+    assert after < 0.99 * before, (before, after)
+    ckpt = Path(summary["checkpoint"])
+    assert (ckpt / "pipeline" / "vit" / "config.json").is_file()  # each checkpoint holds a loadable pipeline
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 30
+
+
+def test_latent_cache_hit_miss_and_invalidation(sd_world, tmp_path):
+    from vilex.models import build_vilex_model
+    from vilex.train import latent_cache as lc
+    from vilex.train.data import model_views
+
+    cfg = _cfg(sd_world, tmp_path)
+    model = build_vilex_model(cfg.model)
+    view = model_views(model, cfg.data.train)["decoder"]
+    builds = []
+    real_build = lc.build_cache
+    lc.build_cache = lambda *a, **k: (builds.append(a[0]), real_build(*a, **k))[1]
+    try:
+        first = lc.LatentCache.open_or_build(cfg.latent_cache, model.decoder, cfg.data.train, view)
+        again = lc.LatentCache.open_or_build(cfg.latent_cache, model.decoder, cfg.data.train, view)
+        assert len(builds) == 1 and again.folder == first.folder  # hit
+        assert len(first) == 19  # the toy train split of 24 scenes
+
+        # the cached posterior is the VAE's posterior of the same view of the image
+        from vilex.data import ImageLoader, build_source
+
+        batch = next(iter(ImageLoader(build_source(cfg.data.train), views={"d": view}, batch_size=3, shuffle=False)))
+        mean, std = first.posterior(batch.keys)
+        ref_mean, ref_std = model.decoder.encode_posterior(batch.images["d"])
+        torch.testing.assert_close(mean, ref_mean)
+        torch.testing.assert_close(std, ref_std)
+        # sampling from the cache == the decoder's own sampling for the same generator state
+        x_cache = first.sample(batch.keys, model.decoder, torch.Generator().manual_seed(3))
+        x_direct = model.decoder.to_model_space(batch.images["d"], torch.Generator().manual_seed(3))
+        torch.testing.assert_close(x_cache, x_direct)
+
+        # another resolution/transform -> another cache
+        lc.LatentCache.open_or_build(cfg.latent_cache, model.decoder, cfg.data.train, dataclasses.replace(view, fit="letterbox"))
+        assert len(builds) == 2
+        # another VAE (one weight changed) -> another cache
+        with torch.no_grad():
+            next(model.decoder.vae.parameters()).add_(1e-3)
+        lc.LatentCache.open_or_build(cfg.latent_cache, model.decoder, cfg.data.train, view)
+        assert len(builds) == 3
+        # changed data (an image rewritten) -> another cache; the old folders are never reused for it
+        img = sorted((Path(cfg.data.train.path) / "images").glob("*.png"))[0]
+        img.write_bytes(img.read_bytes())
+        import os
+
+        os.utime(img, ns=(1, 1))
+        lc.LatentCache.open_or_build(cfg.latent_cache, model.decoder, cfg.data.train, view)
+        assert len(builds) == 4 and len(set(builds)) == 4
+    finally:
+        lc.build_cache = real_build
+
+
+def test_latent_cache_unknown_sample_is_a_clear_error(sd_world, tmp_path):
+    from vilex.errors import UserError
+    from vilex.models import build_vilex_model
+    from vilex.train.data import model_views
+    from vilex.train.latent_cache import LatentCache
+
+    cfg = _cfg(sd_world, tmp_path)
+    model = build_vilex_model(cfg.model)
+    cache = LatentCache.open_or_build(cfg.latent_cache, model.decoder, cfg.data.train,
+                                      model_views(model, cfg.data.train)["decoder"])
+    with pytest.raises(UserError, match="has no entry for sample 'nope.png': the data changed"):
+        cache.posterior(["nope.png"])
+
+
+def _nan_every(trainer, bad_calls):
+    real = trainer.model.loss_from_tokens
+    calls = {"n": 0}
+
+    def patched(*a, **k):
+        out = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] in bad_calls:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    trainer.model.loss_from_tokens = patched
+
+
+def test_nan_losses_are_skipped_and_counted(pixel_world, tmp_path):
+    cfg = _cfg(pixel_world, tmp_path, "train.max_steps=6", "train.checkpoint_every=3", decoder="pixel_unet")
+    trainer = Pretrainer(cfg)
+    trainer.setup()
+    before = {k: v.clone() for k, v in trainer.encoder.state_dict().items()}
+    _nan_every(trainer, bad_calls={2, 3, 5})
+    summary = trainer.run()
+    assert summary["steps"] == 6 and summary["nonfinite_skipped"] == 3
+    assert all(torch.isfinite(torch.tensor(summary["losses"])))
+    assert any(not torch.equal(before[k], v) for k, v in trainer.encoder.state_dict().items())
+
+
+def test_nan_guard_stops_after_n_in_a_row_keeping_last_good_checkpoint(pixel_world, tmp_path):
+    cfg = _cfg(pixel_world, tmp_path, "train.max_steps=10", "train.checkpoint_every=2",
+               "train.max_consecutive_nonfinite=3", decoder="pixel_unet")
+    trainer = Pretrainer(cfg)
+    trainer.setup()
+    _nan_every(trainer, bad_calls=set(range(5, 100)))  # steps 1-4 fine, then NaN forever
+    with pytest.raises(NonFiniteLossError) as ei:
+        trainer.run()
+    last = tmp_path / "checkpoints" / "checkpoint-4"
+    assert str(ei.value) == (f"3 non-finite losses in a row at step 4; stopping. Last good checkpoint: {last}. "
+                             "Lower the learning rate or check the data.")
+    assert trainer.ckpts.latest() == last and (last / "trainer_state.json").is_file()
+
+
+@pytest.mark.parametrize("name, decoder_id, width", [
+    ("sd21base_siglip_so400m", "stabilityai/stable-diffusion-2-1-base", 1024),
+    ("sd15_siglip_so400m", "stable-diffusion-v1-5/stable-diffusion-v1-5", 768),
+])
+def test_shipped_real_scale_configs_build_on_meta(name, decoder_id, width):
+    from vilex.models.configs import VisionTowerConfig
+    from vilex.models.encoder import ViLexEncoder
+    from vilex.models.reference_archs import REFERENCE_ARCHS, build_reference, num_params
+
+    cfg = load_config(PretrainConfig, REPO / "configs" / "vilex" / f"{name}.yaml")
+    assert cfg.model.decoder.name_or_path == decoder_id and cfg.model.pooler.num_tokens == 75
+    assert (cfg.train.optim.lr_vit, cfg.train.optim.lr_pooler, cfg.train.precision) == (1e-5, 3e-4, "bf16")
+    assert cfg.train.micro_batch_size * cfg.train.grad_accum * 8 == 2048
+    unet = build_reference(decoder_id, "unet")
+    text = build_reference(decoder_id, "text_encoder")
+    # the public parameter counts of these checkpoints
+    expected = {"stabilityai/stable-diffusion-2-1-base": (865_910_724, 340_387_840),
+                "stable-diffusion-v1-5/stable-diffusion-v1-5": (859_520_964, 123_060_480)}[decoder_id]
+    assert (num_params(unet), num_params(text)) == expected
+    assert unet.config.cross_attention_dim == text.config.hidden_size == width
+
+    vit_arch = REFERENCE_ARCHS[cfg.model.vit.name_or_path]["vision"]
+    vit_cfg = VisionTowerConfig(init=vit_arch, feature_layer=cfg.model.vit.feature_layer)
+    table = torch.empty(49408, width, device="meta")
+    with torch.device("meta"):
+        encoder = ViLexEncoder.build(vit_cfg, cfg.model.pooler, table, 77)
+    vit_params = num_params(encoder.vit)
+    assert 400e6 < vit_params < 430e6  # SigLIP so400m vision tower
+    assert encoder.num_tokens == 75 and encoder.token_width == width
+    # pooler, counted by hand: context LN + projection, queries, depth x [3 LN, 2 attention (4 linear), MLP 4x],
+    # final LN, output projection to the text encoder's embedding width
+    w, c, n, d, depth = cfg.model.pooler.width, vit_arch["hidden_size"], 75, width, cfg.model.pooler.depth
+    per_block = 3 * 2 * w + 2 * 4 * (w * w + w) + (w * 4 * w + 4 * w) + (4 * w * w + w)
+    expected_pooler = 2 * c + (c * w + w) + n * w + depth * per_block + 2 * w + (w * d + d)
+    assert num_params(encoder.pooler) == expected_pooler
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "vilex", *args], capture_output=True, text=True, cwd=REPO,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "train.max_step=5"], "unknown key 'train.max_step' (did you mean 'train.max_steps'?)"),
+    (["--set", "train.max_steps=abc"], "train.max_steps: expected int, got 'abc' (str)"),
+    (["--set", "train.micro_batch_size=0"], "train.micro_batch_size: must be >= 1, got 0"),
+    (["--set", "train.precision=fp8"], "train.precision: must be one of 'fp32', 'bf16'; got 'fp8'"),
+    (["--set", "train.strategy=deepspeed"], "train.deepspeed_config is required with train.strategy: deepspeed"),
+])
+def test_config_errors_through_the_cli(args, message):
+    r = _cli("pretrain", "--config", str(TINY_CONFIG), "--dry-run", *args)
+    assert r.returncode == 2, r.stderr
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr
+
+
+def test_missing_config_file_through_the_cli(tmp_path):
+    r = _cli("pretrain", "--config", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 2 and r.stderr.strip() == f"error: config file not found: {tmp_path / 'nope.yaml'}"
+
+
+def test_dry_run_prints_resolved_config():
+    r = _cli("pretrain", "--config", str(TINY_CONFIG), "--dry-run", "--set", "train.max_steps=7")
+    assert r.returncode == 0, r.stderr
+    import yaml
+
+    assert yaml.safe_load(r.stdout)["train"]["max_steps"] == 7

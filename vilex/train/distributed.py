@@ -1,0 +1,74 @@
+"""distributed.py — process-group setup shared by the training strategies (CPU gloo or GPU nccl).
+
+Launchers (`torchrun`, `deepspeed`) set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a
+plain `vilex pretrain` has none of them and runs as one process without a process group.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the launcher's environment (0, 1, 0 for a plain run)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", env_world()[2])
+    return torch.device("cpu")
+
+
+def skip_deepspeed_shm_build() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory op at init (~40 s, unused by gloo): skip it."""
+    import deepspeed.comm.torch  # noqa: F401
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def init_process_group_if_needed(backend: str | None = None) -> None:
+    """Join the launcher's process group (once); no-op for a single plain process."""
+    rank, world, local = env_world()
+    if world == 1 or dist.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shutdown_and_exit(code: int = 0) -> None:
+    """End a worker cleanly: destroying the group then os._exit avoids rare gloo aborts at interpreter exit."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # pragma: no cover - best effort at exit
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
