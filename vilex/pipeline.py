@@ -204,6 +204,19 @@ class ViLexPipeline:
         return self.decode(tokens, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                            generator=generator, seed=seed, output_type=output_type)
 
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], guidance_scale: float = 3.0, num_inference_steps: int = 50,
+                 generator: torch.Generator | None = None, seed: int | None = None,
+                 output_type: str = "pil") -> list[Image.Image] | torch.Tensor:
+        """Plain text-to-image with the frozen decoder (the caption baseline), CFG against the empty prompt."""
+        prompts = list(prompts)
+        cond = self.decoder.encode_text(None, None, self.decoder.tokenize(prompts))
+        empty = self._empty_cond(len(prompts)) if guidance_scale != 1.0 else None
+        images = self._sample(
+            lambda x, t: self.predict_guided(x, t, cond, None, empty, guidance_scale=guidance_scale),
+            len(prompts), num_inference_steps, _generator(generator, seed))
+        return self._output(images, output_type)
+
     def compose_conditioning(self, tokens: torch.Tensor, prompt: str | Sequence[str]
                              ) -> tuple[torch.Tensor, torch.Tensor]:
         """(cond of ``[BOS, v, EOS]``, cond of ``[BOS, v, c, EOS]``) for TFG; a UserError if [v, c] does not fit."""

@@ -68,3 +68,47 @@ def _cache_latents(args: argparse.Namespace) -> int:
     cache = LatentCache.open_or_build(cfg.latent_cache, model.decoder, cfg.data.train, views["decoder"])
     print(json.dumps({"cache": str(cache.folder), "entries": len(cache)}, indent=2))
     return 0
+
+
+# ----------------------------------------------------------------------------- vilex eval-recon
+def _eval_recon_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a ViLex checkpoint folder (vit/, pooler/, vilex_config.json)")
+    p.add_argument("--data", required=True, help="held-out images with captions (folder with metadata.jsonl)")
+    p.add_argument("--data-type", default="folder", help="image source type (folder | hf | webdataset)")
+    p.add_argument("--caption-field", default="caption")
+    p.add_argument("--num-tokens", type=int, nargs="+", default=[1, 16, 75])
+    p.add_argument("--baseline", nargs="*", default=["caption"], help="baselines to compare against (caption)")
+    p.add_argument("--num-images", type=int, default=64)
+    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--steps", type=int, default=50, help="sampling steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--inception-weights", default=None,
+                   help="LOCAL torchvision inception_v3 state_dict for FID/IS (never downloaded)")
+    p.add_argument("--out", required=True, help="output folder for recon_table.{md,json} and recon_examples.png")
+
+
+@command("eval-recon", help="reconstruction table: ViLex at k tokens vs the decoder prompted with captions")(_eval_recon_args)
+def _eval_recon(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vilex.errors import UserError
+    from vilex.eval_recon import evaluate_reconstruction, format_table, load_eval_images, write_report
+    from vilex.pipeline import ViLexPipeline
+
+    if args.num_images < 2:
+        raise UserError("--num-images must be >= 2 (confidence intervals need two)")
+    pipe = ViLexPipeline.from_pretrained(args.checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    images, captions, _ = load_eval_images(args.data, pipe.decoder.image_size, args.caption_field, args.num_images,
+                                           args.data_type)
+    fid_note = None
+    if args.inception_weights is None:
+        fid_note = ("FID/IS not computed: no local Inception-v3 weights given (--inception-weights PATH); "
+                    "nothing is downloaded.")
+    rows, arms = evaluate_reconstruction(pipe, images, captions, args.num_tokens, args.baseline, args.guidance_scale,
+                                         args.steps, args.seed, args.batch_size, args.inception_weights)
+    settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    write_report(Path(args.out), rows, arms, images, settings, fid_note)
+    print(format_table(rows, fid_note))
+    return 0
