@@ -140,6 +140,37 @@ def build_tiny_sd(folder: str | Path, pad: Literal["eos", "!"] = "eos", predicti
     return folder
 
 
+def build_small_sd(folder: str | Path, image_size: int = 128, vae_channels: tuple[int, ...] = (32, 64, 128, 128),
+                   unet_channels: tuple[int, ...] = (48, 96, 192), text_width: int = 256, text_layers: int = 4,
+                   prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """An SD-SHAPED small pipeline folder for benchmarks: a VAE downsampling 2^(levels-1) (8x by default:
+    128 px -> 16x16 latents), a cross-attention UNet, a CLIP text encoder; ~10M params in VAE + UNet."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+
+    folder = Path(folder)
+    levels = len(unet_channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = write_tiny_clip_tokenizer(folder / "_tokenizer_build")
+        text_encoder = _tiny_text_encoder(len(tokenizer), text_width, text_layers, 77, tokenizer)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vae_channels,
+                            down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+                            up_block_types=("UpDecoderBlock2D",) * len(vae_channels), layers_per_block=1,
+                            norm_num_groups=32, sample_size=image_size)
+        unet = UNet2DConditionModel(
+            sample_size=image_size // 2 ** (len(vae_channels) - 1), in_channels=4, out_channels=4,
+            layers_per_block=1, block_out_channels=unet_channels,
+            down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+            cross_attention_dim=text_width, attention_head_dim=8, norm_num_groups=16)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=_scheduler(prediction_type), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.save_pretrained(str(folder), safe_serialization=True)
+    _remove_tree(folder / "_tokenizer_build")
+    return folder
+
+
 def build_tiny_pixel_decoder(folder: str | Path, pad: Literal["eos", "!"] = "eos", prediction_type: str = "epsilon",
                              width: int = 32, text_layers: int = 2, image_size: int = 16, context_length: int = 77,
                              seed: int = 0) -> Path:
