@@ -7,7 +7,8 @@ every step, so a failure late in the demo still leaves the earlier sections read
 
 Adding a stage to the demo = one function decorated with ``@demo_step("name")`` in a module listed
 in ``DEMO_STEP_MODULES`` (imported when the demo runs; missing optional modules are skipped).
-Today the steps are: generate the toy dataset, then write its contact sheet and statistics.
+Today the steps are: generate the toy dataset, write its contact sheet and statistics, then the stage-1
+sections (vilex/toy/demo_stage1.py): a short ViLex run and the shipped full run, each measured.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from vilex.cli.main import command
 log = logging.getLogger(__name__)
 
 # Modules whose import registers further demo steps (later stages append theirs here).
-DEMO_STEP_MODULES: list[str] = []
+DEMO_STEP_MODULES: list[str] = ["vilex.toy.demo_stage1"]
 
 
 @dataclass
@@ -130,6 +131,8 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=512, help="toy scenes to generate (default 512)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--size", type=int, default=32, help="toy image side in pixels (default 32)")
+    p.add_argument("--short-steps", type=int, default=150, help="steps of the short stage-1 ViLex run (default 150)")
+    p.add_argument("--eval-scenes", type=int, default=32, help="held-out scenes per measurement (default 32)")
 
 
 @command("demo", help="run the demo on the toy world and write OUT/report.md")(_configure)

@@ -1,0 +1,136 @@
+"""toy/demo_stage1.py — the stage-1 sections of `vilex demo`: a short ViLex run and the shipped full run.
+
+* "stage 1 short run": trains ViLex for a few minutes (``--short-steps``) with the SAME trainer and config as
+  the shipped run (configs/vilex/toy.yaml), initialised from the toy SigLIP, against the frozen toy decoder,
+  on the demo's own toy data — so a user sees the loop work — then measures the claims on held-out scenes.
+* "stage 1 shipped run": the same measurements for the fully trained toy ViLex shipped in assets/toy/vilex.
+
+Each writes PNGs (originals | ViLex at 1, 4, 16 tokens | coarse caption | fine caption; Text-Free Guidance
+edits) and a metrics table with the claim verdicts (vilex/toy/claims.py) into the report. Missing assets give
+a report section saying how to make them, not a crash.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from vilex.cli.demo_cmd import DemoContext, demo_step
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+# The shipped toy assets; VILEX_TOY_ASSETS points elsewhere (tests use stand-ins made in a temp folder).
+ASSETS = Path(os.environ.get("VILEX_TOY_ASSETS", REPO / "assets" / "toy"))
+TOY_CONFIG = REPO / "configs" / "vilex" / "toy.yaml"
+
+
+def labelled_grid(columns: list[torch.Tensor], titles: list[str], rows: int = 8, scale: int = 3) -> "Image.Image":
+    """Columns of (N,3,H,W) images in [0,1] -> one PIL grid (nearest-upscaled) with a title row."""
+    from PIL import Image, ImageDraw
+
+    n = min(rows, min(len(c) for c in columns))
+    h, w = columns[0].shape[-2:]
+    cell_w, cell_h, pad, head = w * scale, h * scale, 4, 28
+    width = max(len(columns) * (cell_w + pad), 1) + pad
+    sheet = Image.new("RGB", (width, head + n * (cell_h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for j, (col, title) in enumerate(zip(columns, titles)):
+        x = pad + j * (cell_w + pad)
+        for k, line in enumerate(title.split("\n")[:2]):
+            draw.text((x, 2 + 12 * k), line, fill=(0, 0, 0))
+        for i in range(n):
+            arr = (col[i].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            tile = Image.fromarray(arr).resize((cell_w, cell_h), Image.NEAREST)
+            sheet.paste(tile, (x, head + pad + i * (cell_h + pad)))
+    return sheet
+
+
+def evaluate_checkpoint(ctx: DemoContext, checkpoint: Path, name: str, title: str, n: int) -> dict:
+    """Claims on the demo's test split for one checkpoint; PNGs + a report section."""
+    from vilex.pipeline import ViLexPipeline
+    from vilex.toy.claims import claims_table, evaluate_claims
+    from vilex.toy.probe import load_probe
+
+    pipe = ViLexPipeline.from_pretrained(checkpoint, decoder_name_or_path=ASSETS / "decoder")
+    pipe.set_progress_bar_config(disable=True)
+    probe = load_probe(ASSETS / "probe")
+    counts = [k for k in (1, 4, 16) if k <= pipe.num_tokens]
+    results, images = evaluate_claims(pipe, probe, ctx.artifacts["toy_data"] / "test", n=n, token_counts=counts,
+                                      n_tfg=min(16, n), seed=ctx.options.seed)
+    (ctx.out / f"{name}_claims.json").write_text(json.dumps(results, indent=2))
+    recon_png = ctx.out / f"{name}_reconstructions.png"
+    cols = [images["_originals"]] + [images[f"vilex_{k}"] for k in counts] + [images["caption_coarse"],
+                                                                              images["caption_fine"]]
+    titles = ["original"] + [f"ViLex\n{k} token{'s' if k > 1 else ''}" for k in counts] + ["coarse\ncaption",
+                                                                                            "fine\ncaption"]
+    labelled_grid(cols, titles).save(recon_png)
+    tfg_png = ctx.out / f"{name}_compose.png"
+    labelled_grid([images["_tfg_sources"], images["_tfg"], images["_tfg_caption"]],
+                  ["source", "tokens + 'on a\n<new> background' TFG", "edited caption\nonly"]).save(tfg_png)
+    ctx.add_section(f"## {title}\n\nCheckpoint `{checkpoint}`; {n} held-out test scenes of the demo data.\n\n"
+                    f"![reconstructions]({recon_png.name})\n\n![compose]({tfg_png.name})\n\n"
+                    + claims_table(results))
+    return results
+
+
+def _missing_assets() -> list[str]:
+    need = {"decoder": ASSETS / "decoder" / "unet", "siglip": ASSETS / "siglip" / "vision",
+            "probe": ASSETS / "probe" / "model.safetensors"}
+    return [k for k, p in need.items() if not p.exists()]
+
+
+@demo_step("stage 1 short run")
+def step_short_run(ctx: DemoContext) -> None:
+    """Train ViLex briefly on the demo data (same trainer and config as the shipped run) and measure it."""
+    from vilex.config import load_config
+    from vilex.train.config import PretrainConfig
+    from vilex.train.loop import pretrain
+
+    missing = _missing_assets()
+    if missing:
+        ctx.add_section("## Stage 1: short ViLex run\n\nSkipped: the toy assets " + ", ".join(missing) +
+                        " are not in assets/toy/ (make them with `vilex toy pretrain-decoder`, `vilex toy "
+                        "pretrain-siglip`, `vilex toy train-probe`; see scripts/toy/README.md).")
+        return
+    data = ctx.artifacts["toy_data"]
+    out = ctx.out / "vilex_short"
+    steps = ctx.options.short_steps
+    cfg = load_config(PretrainConfig, TOY_CONFIG, [
+        f"model.vit.name_or_path={ASSETS / 'siglip' / 'vision'}", f"model.decoder.name_or_path={ASSETS / 'decoder'}",
+        f"data.train.path={data / 'train'}", f"data.val.path={data / 'val'}", f"train.output_dir={out}",
+        f"train.max_steps={steps}", f"train.checkpoint_every={steps}", f"train.log_every={max(1, steps // 10)}",
+        f"train.optim.warmup_steps={min(50, steps // 5)}", f"val.every={steps}", f"train.seed={ctx.options.seed}",
+    ])
+    summary = pretrain(cfg, resume="auto")
+    losses = summary["losses"]
+    k = max(1, len(losses) // 10)
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    ckpt = Path(summary["checkpoint"]) / "pipeline"
+    ctx.add_section(f"## Stage 1: short ViLex run ({steps} steps)\n\n`vilex pretrain --config configs/vilex/toy.yaml` "
+                    f"with the demo data, {steps} steps of batch {cfg.train.micro_batch_size}: training loss "
+                    f"{first:.4f} (first {k} steps) -> {last:.4f} (last {k}). Validation grid: "
+                    f"`{out / 'val'}`.")
+    evaluate_checkpoint(ctx, ckpt, "short_run", f"Stage 1 short run: measurements ({steps} steps)",
+                        ctx.options.eval_scenes)
+
+
+@demo_step("stage 1 shipped run")
+def step_shipped_run(ctx: DemoContext) -> None:
+    """The claims measured on the fully trained toy ViLex shipped in assets/toy/vilex."""
+    shipped = ASSETS / "vilex"
+    if _missing_assets() or not (shipped / "vilex_config.json").is_file():
+        ctx.add_section("## Stage 1: shipped full toy run\n\nNot available: assets/toy/vilex is not shipped in this "
+                        "checkout (train it with `vilex pretrain --config configs/vilex/toy.yaml`; "
+                        "see scripts/toy/README.md).")
+        return
+    recipe = shipped / "recipe.json"
+    note = ""
+    if recipe.is_file():
+        r = json.loads(recipe.read_text())
+        note = f" Recipe: {r.get('steps', '?')} steps, commit {r.get('git_commit', '?')}."
+    evaluate_checkpoint(ctx, shipped, "shipped_run", "Stage 1 shipped full run: measurements" + note,
+                        ctx.options.eval_scenes)
