@@ -249,3 +249,19 @@ def test_trainer_api_views_loss_from_tokens_and_posterior(sd_folder, pixel_folde
                                mean * decoder.vae.config.scaling_factor)
     pixel = build_frozen_decoder(DecoderConfig(type="pixel_unet", name_or_path=str(pixel_folders["epsilon"])))
     assert not pixel.has_vae
+
+
+def test_channels_last_unet_same_loss(sd_folder):
+    import dataclasses
+
+    cfg = tiny_vilex_config(sd_folder)
+    cl = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, channels_last=True))
+    torch.manual_seed(0)
+    plain = ViLexModel.from_config(cfg)
+    torch.manual_seed(0)
+    fast = ViLexModel.from_config(cl)
+    assert fast.decoder.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    pixels, x0 = _batch(plain)
+    a = plain(pixels, x0, generator=torch.Generator().manual_seed(1), num_keep=4)["loss"]
+    b = fast(pixels, x0, generator=torch.Generator().manual_seed(1), num_keep=4)["loss"]
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

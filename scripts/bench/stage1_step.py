@@ -10,7 +10,7 @@ all random init; images from the toy world at 128 px.
   step, no latent cache, no activation checkpointing; AdamW over the same two parameter groups.
 * ours  — `vilex pretrain`'s step (vilex.train.loop.Pretrainer.micro_step + strategy backward/step): bf16 autocast
   over fp32 master weights, the frozen decoder (text encoder, UNet) held in bf16, latents sampled from the latent
-  cache (VAE posterior computed once, before timing), SDPA attention.
+  cache (VAE posterior computed once, before timing), the UNet in channels-last memory format, SDPA attention.
 
 Both read the same data through the same loader (decode included). Rounds alternate naive/ours so machine load
 hits both alike; the median step time of each is reported with the ratio naive/ours.
@@ -48,7 +48,7 @@ def make_config(root: Path, out: Path, batch: int, ours: bool):
         f"model.vit.init={json.dumps(vit)}", "model.vit.type=siglip",
         "model.pooler.num_tokens=16", "model.pooler.depth=2", "model.pooler.heads=4", "model.pooler.width=256",
         f"model.decoder.name_or_path={root / 'decoder'}", "model.decoder.type=stable_diffusion",
-        f"model.decoder.dtype={'bfloat16' if ours else 'float32'}",
+        f"model.decoder.dtype={'bfloat16' if ours else 'float32'}", f"model.decoder.channels_last={str(ours).lower()}",
         f"data.train.path={root / 'data' / 'train'}", f"train.output_dir={out}", f"train.micro_batch_size={batch}",
         f"train.precision={'bf16' if ours else 'fp32'}", "train.max_steps=1000000", "val.every=1000000",
         "train.checkpoint_every=1000000", "log.tensorboard=false", f"latent_cache.enabled={str(ours).lower()}",

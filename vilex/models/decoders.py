@@ -75,6 +75,8 @@ class FrozenDecoder(nn.Module):
                             f"{max_pos} positions")
         self.requires_grad_(False)
         self.to(_DTYPES[self.config.dtype])
+        if self.config.channels_last:
+            unet.to(memory_format=torch.channels_last)
         self._checkpointing = bool(self.config.gradient_checkpointing)
         if self._checkpointing:
             text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
