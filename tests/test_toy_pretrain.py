@@ -1,0 +1,262 @@
+"""Tests of stage 0 of the toy world: the BPE tokenizer, the attribute probe, and the decoder / SigLIP
+pretraining commands (tiny settings, a few steps each, run through the `vilex` CLI into tmp_path)."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from vilex.cli.main import main
+from vilex.toy import world
+from vilex.toy.recipe import RECIPE_KEYS, SceneBatches, read_recipe
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+TINY_DECODER = [
+    "--set", "image_size=16", "--set", "unet.block_out_channels=[16,16]",
+    "--set", "unet.down_block_types=[DownBlock2D,CrossAttnDownBlock2D]",
+    "--set", "unet.up_block_types=[CrossAttnUpBlock2D,UpBlock2D]",
+    "--set", "text_encoder.width=32", "--set", "text_encoder.layers=1",
+    "--set", "train.batch_size=4", "--set", "train.num_workers=0", "--set", "train.log_every=1",
+    "--set", "train.bf16=false", "--set", "train.threads=1",
+    "--set", "gate.n_scenes=4", "--set", "gate.ddim_steps=2", "--set", "gate.grid_images=4",
+]
+
+
+@pytest.fixture(scope="module")
+def toy_tokenizer(tmp_path_factory):
+    from vilex.toy.tokenizer import train_toy_tokenizer
+
+    folder = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_toy_tokenizer(folder, n_scenes=300, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_probe(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("probe") / "probe"
+    code = main(["toy", "train-probe", "--out", str(folder), "--set", "train.steps=2", "--set", "train.batch_size=4",
+                 "--set", "train.num_workers=0", "--set", "train.threads=1", "--set", "eval_scenes=8",
+                 "--set", "model.channels=[8,16]", "--set", "model.hidden=16", "--set", "model.image_size=16"])
+    assert code == 0
+    return folder
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def test_tokenizer_round_trips_every_toy_text_and_words_are_single_tokens(toy_tokenizer):
+    from transformers import CLIPTokenizer
+
+    from vilex.toy.tokenizer import decode_text, tokenizer_stats, toy_corpus
+
+    tok = CLIPTokenizer.from_pretrained(str(toy_tokenizer))
+    texts = toy_corpus(60, seed=7)  # scenes the tokenizer was not trained on
+    assert any("," in t for t in texts) and any("?" in t for t in texts)
+    for text in texts:
+        assert decode_text(tok, tok(text).input_ids) == text
+    plain = [t for t in texts if not any(c in t for c in ",?")]
+    assert plain and all(tok.decode(tok(t).input_ids, skip_special_tokens=True) == t for t in plain)
+    stats = tokenizer_stats(tok, texts)
+    assert stats["round_trip_failures"] == 0 and stats["single_token_word_fraction"] == 1.0
+    assert len(tok("a huge light purple diamond", add_special_tokens=False).input_ids) == 5
+
+
+def test_tokenizer_follows_the_clip_conventions(toy_tokenizer):
+    from transformers import AutoTokenizer, CLIPTokenizer, CLIPTokenizerFast
+
+    tok = CLIPTokenizer.from_pretrained(str(toy_tokenizer))
+    assert tok.model_max_length == 77
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|startoftext|>", "<|endoftext|>", "<|endoftext|>")
+    assert tok.pad_token_id == tok.eos_token_id
+    ids = tok("A RED Circle", padding="max_length", max_length=77).input_ids
+    assert ids == tok("a red circle", padding="max_length", max_length=77).input_ids
+    assert len(ids) == 77 and ids[0] == tok.bos_token_id and ids[4:] == [tok.eos_token_id] * 73
+    assert tok.convert_ids_to_tokens(ids[1:4]) == ["a</w>", "red</w>", "circle</w>"]
+    assert tok("").input_ids == [tok.bos_token_id, tok.eos_token_id]
+    assert tok.unk_token_id not in tok("zebra ünïcode 42!").input_ids[1:-1]  # bytes cover any text
+    assert type(AutoTokenizer.from_pretrained(str(toy_tokenizer))).__name__ in ("CLIPTokenizer", "CLIPTokenizerFast")
+    assert CLIPTokenizerFast.from_pretrained(str(toy_tokenizer))("a red circle").input_ids == ids[:5]
+
+
+# ----------------------------------------------------------------------------- probe
+def _scene(objects, background="gray"):
+    objs = tuple(world.ToyObject(shape=s, colour=c, rgb=world.OBJECT_COLOURS[c], shade=0.0, size=z, cx=x, cy=y)
+                 for s, c, z, x, y in objects)
+    return world.Scene(background, world.BACKGROUND_COLOURS[background], objs)
+
+
+def test_probe_targets_follow_the_largest_object():
+    from vilex.toy.probe import clear_largest, default_labels, probe_targets, scene_facts
+
+    two = _scene([("circle", "red", 0.10, 0.2, 0.2), ("square", "blue", 0.20, 0.8, 0.5)], background="beige")
+    assert scene_facts(two) == {"background": "beige", "count": "2", "shape": "square", "colour": "blue",
+                                "cell": "middle right", "center": (0.8, 0.5)}
+    labels = default_labels()
+    t = probe_targets([two], labels)
+    assert labels["shape"][int(t["shape"])] == "square" and labels["cell"][int(t["cell"])] == "middle right"
+    assert torch.equal(t["center"], torch.tensor([[0.8, 0.5]]))
+    assert clear_largest(two)
+    assert not clear_largest(_scene([("circle", "red", 0.20, 0.2, 0.2), ("square", "blue", 0.21, 0.8, 0.5)]))
+    assert not clear_largest(_scene([("circle", "red", 0.15, 0.2, 0.2), ("square", "blue", 0.155, 0.8, 0.5)]))
+    assert labels["cell"] == ["top left", "top center", "top right", "middle left", "center", "middle right",
+                              "bottom left", "bottom center", "bottom right"]
+
+
+def test_probe_forward_shapes_save_load_and_judge(tmp_path):
+    from vilex.toy.probe import AttributeProbe, ProbeModelConfig, judge, load_probe, save_probe, summarize
+
+    probe = AttributeProbe(ProbeModelConfig(image_size=16, channels=[8, 16], hidden=16)).eval()
+    images = torch.rand(3, 3, 32, 32) * 2 - 1  # resized to the probe's 16 px inside
+    out = probe(images)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "background": (3, 5), "count": (3, 3), "shape": (3, 4), "colour": (3, 8), "cell": (3, 9), "center": (3, 2)}
+    assert float(out["center"].min()) >= 0 and float(out["center"].max()) <= 1
+    save_probe(probe, tmp_path)
+    again = load_probe(tmp_path)
+    assert torch.equal(again(images)["colour"], out["colour"])
+    scenes = [_scene([("circle", "red", 0.1, 0.5, 0.5)])] * 3
+    verdict = judge(probe, images, scenes)
+    assert set(verdict) == {"background", "count", "shape", "colour", "cell", "center_error"}
+    assert verdict["colour"].shape == (3,) and verdict["colour"].dtype == bool
+    assert summarize(verdict)["n"] == 3
+
+
+def test_train_probe_writes_a_loadable_probe_with_a_recipe(tiny_probe):
+    from vilex.toy.probe import load_probe
+
+    probe = load_probe(tiny_probe)
+    assert probe.config.image_size == 16 and probe.labels["count"] == ["1", "2", "3"]
+    recipe = read_recipe(tiny_probe)
+    assert set(RECIPE_KEYS) <= set(recipe) and recipe["asset"] == "probe" and recipe["seed"] == 0
+    assert recipe["config"]["train"]["steps"] == 2
+    heldout = recipe["metrics"]["heldout"]
+    assert heldout["all"]["n"] == 8 and 0.0 <= heldout["all"]["background_accuracy"] <= 1.0
+    assert heldout["chance"]["cell_accuracy"] == round(1 / 9, 4)
+
+
+# ----------------------------------------------------------------------------- data stream
+def test_scene_batches_are_a_function_of_seed_and_step():
+    a, b = SceneBatches(3, 0, 4, 2, 16), SceneBatches(3, 2, 4, 2, 16)
+    first = list(a)
+    assert [s for s, _, _ in first] == [0, 1, 2, 3]
+    resumed = list(b)
+    assert [s for s, _, _ in resumed] == [2, 3]
+    assert np.array_equal(first[2][1], resumed[0][1]) and first[2][2] == resumed[0][2]
+    assert not np.array_equal(first[0][1], first[1][1])
+    assert first[0][1].shape == (2, 3, 16, 16) and first[0][1].dtype == np.uint8
+
+
+# ----------------------------------------------------------------------------- decoder
+def _run_decoder(tmp_path, toy_tokenizer, probe, out, *extra):
+    return main(["toy", "pretrain-decoder", "--out", str(out), "--set", f"tokenizer={toy_tokenizer}",
+                 "--set", f"work_dir={tmp_path / 'work'}", "--set", f"gate.probe={probe}", *TINY_DECODER, *extra])
+
+
+def test_pretrain_decoder_writes_a_pixel_unet_folder_that_vilex_loads(tmp_path, toy_tokenizer, tiny_probe):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from vilex.models.configs import DecoderConfig
+    from vilex.models.decoders import build_frozen_decoder
+    from vilex.toy.pretrain_decoder import encode_prompts
+
+    out = tmp_path / "decoder"
+    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, out, "--set", "train.steps=3") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model_index.json", "recipe.json", "samples.png", "scheduler",
+                                                      "text_encoder", "tokenizer", "train_log.jsonl", "unet"]
+    unet = UNet2DConditionModel.from_pretrained(str(out / "unet"))
+    assert (unet.config.in_channels, unet.config.out_channels, unet.config.sample_size) == (3, 3, 16)
+    text_encoder = CLIPTextModel.from_pretrained(str(out / "text_encoder"))
+    tokenizer = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
+    assert text_encoder.config.vocab_size == len(tokenizer) and unet.config.cross_attention_dim == 32
+    assert DDPMScheduler.from_pretrained(str(out / "scheduler")).config.prediction_type == "v_prediction"
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and "vae" not in index
+
+    recipe = read_recipe(out)
+    assert set(RECIPE_KEYS) <= set(recipe) and recipe["metrics"]["steps_done"] == 3
+    gate = recipe["metrics"]["gate"]
+    assert gate["heldout_scenes_used"] == 4 and gate["generated"]["coarse_captions"]["n"] == 2
+    assert set(gate["generated"]["all"]) >= {"background_accuracy", "colour_accuracy", "shape_accuracy",
+                                             "cell_accuracy", "count_accuracy"}
+    assert [r["step"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())] == [1, 2, 3]
+
+    # ViLex's frozen-decoder path loads it and builds the same conditioning for a prompt
+    decoder = build_frozen_decoder(DecoderConfig(type="pixel_unet", name_or_path=str(out)))
+    assert decoder.image_size == 16 and decoder.prediction_type == "v_prediction"
+    prompt = "a small red circle at the center on a gray background"
+    with torch.no_grad():
+        ours = encode_prompts(tokenizer, text_encoder, [prompt])
+        theirs = decoder.encode_text(prompt_ids=decoder.tokenize([prompt]))
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+    # the gate can be rerun on the saved folder alone (with other settings): it rewrites metrics.gate
+    assert main(["toy", "gate-decoder", "--decoder", str(out), "--set", f"gate.probe={tiny_probe}",
+                 "--set", "gate.n_scenes=2", "--set", "gate.ddim_steps=1"]) == 0
+    rerun = read_recipe(out)
+    assert rerun["metrics"]["gate"]["heldout_scenes_used"] == 2 and rerun["gate_config"]["ddim_steps"] == 1
+    assert rerun["metrics"]["steps_done"] == 3
+
+
+def test_pretrain_decoder_resume_continues_from_the_saved_step(tmp_path, toy_tokenizer, tiny_probe):
+    from safetensors.torch import load_file
+
+    steps = ["--set", "train.steps=4", "--set", "train.checkpoint_every=2", "--set", "gate.enabled=false"]
+    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, tmp_path / "straight", *steps) == 0
+    ckpts = tmp_path / "work" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    shutil.rmtree(ckpts / "checkpoint-4")  # as if killed after step 3
+    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, tmp_path / "resumed", *steps, "--resume", "auto") == 0
+    recipe = read_recipe(tmp_path / "resumed")
+    assert recipe["metrics"]["resumed_from_step"] == 2 and recipe["metrics"]["steps_done"] == 4
+    assert recipe["metrics"]["gate"].startswith("disabled")
+    logged = [json.loads(line)["step"] for line in (tmp_path / "work" / "train_log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]  # the rows after step 2 were replaced, not duplicated
+    a = load_file(str(tmp_path / "straight" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_pretrain_decoder_without_a_probe_fails_in_one_line(tmp_path, toy_tokenizer, capsys):
+    code = _run_decoder(tmp_path, toy_tokenizer, tmp_path / "no-probe", tmp_path / "decoder")
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: gate.probe: attribute probe not found: ")
+    assert not (tmp_path / "decoder").exists()
+
+
+# ----------------------------------------------------------------------------- siglip
+def test_pretrain_siglip_saves_the_model_and_its_vision_tower(tmp_path, toy_tokenizer):
+    from transformers import SiglipModel, SiglipVisionModel
+
+    out = tmp_path / "siglip"
+    code = main(["toy", "pretrain-siglip", "--out", str(out), "--set", f"tokenizer={toy_tokenizer}",
+                 "--set", "train.steps=3", "--set", "train.batch_size=6", "--set", "train.num_workers=0",
+                 "--set", "train.threads=1", "--set", "vision.width=32", "--set", "vision.layers=1",
+                 "--set", "vision.image_size=16", "--set", "text.width=32", "--set", "text.layers=1",
+                 "--set", "eval_scenes=12", "--set", "train.log_every=1"])
+    assert code == 0
+    full = SiglipModel.from_pretrained(str(out))
+    vision = SiglipVisionModel.from_pretrained(str(out / "vision"))
+    assert vision.config.image_size == 16 and vision.config.patch_size == 4
+    full_state = full.vision_model.state_dict()
+    assert all(torch.equal(v, full_state[k]) for k, v in vision.state_dict().items())
+    recipe = read_recipe(out)
+    assert set(RECIPE_KEYS) <= set(recipe) and recipe["metrics"]["steps_done"] == 3
+    fine = recipe["metrics"]["retrieval_heldout"]["fine_captions"]
+    assert fine["n"] == 12 and {"top1", "top5", "chance_top1", "chance_top5"} <= set(fine)
+    pixels = torch.zeros(1, 3, 16, 16)
+    assert vision(pixel_values=pixels).last_hidden_state.shape == (1, 16, 32)
+
+
+def test_sigmoid_loss_treats_equal_captions_as_positives_and_chance_counts_duplicates():
+    from vilex.toy.pretrain_siglip import retrieval_chance, sigmoid_loss_with_duplicates
+
+    logits = torch.tensor([[5.0, 5.0, -5.0], [5.0, 5.0, -5.0], [-5.0, -5.0, 5.0]])
+    low = sigmoid_loss_with_duplicates(logits, ["a", "a", "b"])
+    high = sigmoid_loss_with_duplicates(logits, ["a", "c", "b"])
+    assert float(low) == pytest.approx(-3 * float(torch.nn.functional.logsigmoid(torch.tensor(5.0))), rel=1e-5)
+    assert float(high) > float(low) + 3
+    assert retrieval_chance(["a", "b", "c", "d"], 1) == pytest.approx(0.25)
+    assert retrieval_chance(["a", "a", "b", "c"], 1) == pytest.approx((0.5 + 0.5 + 0.25 + 0.25) / 4)
+    assert retrieval_chance(["a", "b"], 5) == 1.0

@@ -1,0 +1,116 @@
+"""cli/toy_pretrain_cmd.py — the stage-0 commands of `vilex toy`.
+
+`train-tokenizer`, `train-probe`, `pretrain-decoder`, `gate-decoder`, `pretrain-siglip`.
+
+Stage 0 of the toy world: the project's own tiny stand-ins for the pretrained models it cannot download
+(a BPE tokenizer, a pixel-space T2I decoder, a SigLIP), plus the attribute probe that judges generated
+images. Each command writes one asset folder with a ``recipe.json`` (see scripts/toy/README.md for the
+order and the exact commands that made assets/toy/). Heavy imports stay inside the run functions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from vilex.cli.main import add_config_args, command
+
+
+def _print_summary(metrics: dict) -> None:
+    print(json.dumps(metrics, indent=2, default=str))
+
+
+# ----------------------------------------------------------------------------- train-tokenizer
+def _tokenizer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="assets/toy/tokenizer", help="tokenizer folder to write")
+    p.add_argument("--n-scenes", type=int, default=4000, help="scenes whose captions/questions form the corpus")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("train-tokenizer", help="train the toy BPE tokenizer (a CLIPTokenizer folder)", group="toy")(_tokenizer_args)
+def _train_tokenizer(args: argparse.Namespace) -> int:
+    from vilex.checkpoint import atomic_dir
+    from vilex.errors import UserError
+    from vilex.toy.recipe import write_recipe
+    from vilex.toy.tokenizer import tokenizer_stats, toy_corpus, train_toy_tokenizer
+
+    if args.n_scenes < 1:
+        raise UserError(f"--n-scenes must be >= 1, got {args.n_scenes}")
+    started = time.time()
+    with atomic_dir(args.out) as tmp:
+        tokenizer = train_toy_tokenizer(tmp, n_scenes=args.n_scenes, seed=args.seed)
+        # measured on texts of OTHER scenes than the training corpus (seed + 1)
+        metrics = tokenizer_stats(tokenizer, toy_corpus(500, args.seed + 1))
+        write_recipe(tmp, "tokenizer", {"n_scenes": args.n_scenes, "seed": args.seed}, args.seed,
+                     time.time() - started, metrics)
+    _print_summary(metrics)
+    return 0
+
+
+# ----------------------------------------------------------------------------- train-probe
+def _probe_args(p: argparse.ArgumentParser) -> None:
+    add_config_args(p)
+    p.add_argument("--out", default="assets/toy/probe", help="probe folder to write")
+    p.add_argument("--log-file", default=None, help="also append the training log to this file")
+
+
+@command("train-probe", help="train the attribute probe that judges toy images", group="toy")(_probe_args)
+def _train_probe(args: argparse.Namespace) -> int:
+    from vilex.config import load_config
+    from vilex.toy.probe import ProbeConfig, train_probe
+
+    cfg = load_config(ProbeConfig, args.config, args.overrides)
+    _print_summary(train_probe(cfg, args.out, log_file=args.log_file))
+    return 0
+
+
+# ----------------------------------------------------------------------------- pretrain-decoder
+def _decoder_args(p: argparse.ArgumentParser) -> None:
+    add_config_args(p)
+    p.add_argument("--out", default="assets/toy/decoder", help="decoder folder to write (pixel_unet layout)")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="'auto' = latest checkpoint under work_dir/checkpoints (fresh start if none); or a folder")
+
+
+@command("pretrain-decoder", help="train the toy pixel-space T2I decoder (UNet + CLIP text encoder)",
+         group="toy")(_decoder_args)
+def _pretrain_decoder(args: argparse.Namespace) -> int:
+    from vilex.config import load_config
+    from vilex.toy.pretrain_decoder import DecoderPretrainConfig, pretrain_decoder
+
+    cfg = load_config(DecoderPretrainConfig, args.config, args.overrides)
+    _print_summary(pretrain_decoder(cfg, args.out, resume=args.resume))
+    return 0
+
+
+def _gate_args(p: argparse.ArgumentParser) -> None:
+    add_config_args(p)
+    p.add_argument("--decoder", default="assets/toy/decoder", help="decoder folder to judge")
+
+
+@command("gate-decoder", help="(re)run the decoder quality gate on a saved toy decoder (uses the config's gate.*)",
+         group="toy")(_gate_args)
+def _gate_decoder(args: argparse.Namespace) -> int:
+    from vilex.config import load_config
+    from vilex.toy.pretrain_decoder import DecoderPretrainConfig, gate_decoder_folder
+
+    cfg = load_config(DecoderPretrainConfig, args.config, args.overrides)
+    _print_summary(gate_decoder_folder(args.decoder, cfg.gate, cfg.seed))
+    return 0
+
+
+# ----------------------------------------------------------------------------- pretrain-siglip
+def _siglip_args(p: argparse.ArgumentParser) -> None:
+    add_config_args(p)
+    p.add_argument("--out", default="assets/toy/siglip", help="SigLIP folder to write (vision tower in vision/)")
+
+
+@command("pretrain-siglip", help="train the tiny toy SigLIP (sigmoid image-text contrastive)",
+         group="toy")(_siglip_args)
+def _pretrain_siglip(args: argparse.Namespace) -> int:
+    from vilex.config import load_config
+    from vilex.toy.pretrain_siglip import SiglipPretrainConfig, pretrain_siglip
+
+    cfg = load_config(SiglipPretrainConfig, args.config, args.overrides)
+    _print_summary(pretrain_siglip(cfg, args.out))
+    return 0

@@ -1,0 +1,314 @@
+"""toy/probe.py — the attribute probe: a small CNN that reads a toy image back into scene-graph facts.
+
+It is the judge of generated toy images: it predicts, from pixels alone,
+
+* ``background``  the background colour name           (``world.BACKGROUND_COLOURS``)
+* ``count``       the number of objects                 ("1" .. "3")
+* ``shape``       the shape of the LARGEST object        (``world.SHAPES``)
+* ``colour``      the colour name of the largest object (``world.OBJECT_COLOURS``)
+* ``cell``        the 3×3 cell of the largest object's centre ("top left" … "bottom right", "center")
+* ``center``      the largest object's centre (x, y) in [0, 1] (regression)
+
+so a generated image can be scored against the scene graph its caption came from (``judge``). "Largest"
+means the largest ``size`` (bbox half-width). When two objects are nearly the same size the question
+"which is largest" has no clear answer, so evaluations also report accuracy on scenes with a
+``clear_largest`` object (alone, or the only one a coarse caption calls "large" and ≥ 1.2× the next).
+
+Design: plain conv stages (stride-2 downsampling) over the image plus two coordinate channels (positions
+are read from where features are, so the head sees them explicitly), flattened (keeping the 4×4 layout;
+optionally plus the globally averaged features, position-free evidence for shape and colour) into an MLP
+with one linear head per attribute. Trained on freshly rendered scenes with exact labels,
+with random Gaussian pixel noise so it stays calibrated on slightly noisy generated images.
+Saved as ``model.safetensors`` + ``config.json`` (architecture and label lists: the folder is self-describing).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vilex.checkpoint import atomic_dir, load_tensors, save_tensors
+from vilex.config import cfg_field, to_dict
+from vilex.errors import UserError
+from vilex.toy import world
+from vilex.toy.recipe import (
+    SceneBatches,
+    heldout_scenes,
+    images_to_unit_range,
+    render_batch,
+    scene_loader,
+    write_recipe,
+)
+
+log = logging.getLogger(__name__)
+
+CLASS_HEADS = ("background", "count", "shape", "colour", "cell")
+CELL_NAMES = tuple(world.grid3_name((c + 0.5) / 3, (r + 0.5) / 3) for r in range(3) for c in range(3))
+CLEAR_SIZE_RATIO = 1.2
+
+
+def default_labels(max_objects: int = 3) -> dict[str, list[str]]:
+    """Label names of every classification head, in logit order."""
+    return {
+        "background": list(world.BACKGROUND_COLOURS),
+        "count": [str(n) for n in range(1, max_objects + 1)],
+        "shape": list(world.SHAPES),
+        "colour": list(world.OBJECT_COLOURS),
+        "cell": list(CELL_NAMES),
+    }
+
+
+# ----------------------------------------------------------------------------- ground truth
+def largest_object(scene: world.Scene) -> world.ToyObject:
+    """The object with the largest ``size`` (the first one on a tie)."""
+    return max(scene.objects, key=lambda o: o.size)
+
+
+def clear_largest(scene: world.Scene, min_ratio: float = CLEAR_SIZE_RATIO) -> bool:
+    """True when the largest object is unambiguous even from a coarse caption (see module docstring)."""
+    if len(scene.objects) == 1:
+        return True
+    sizes = sorted((o.size for o in scene.objects), reverse=True)
+    large = [o for o in scene.objects if world.size_word_coarse(o.size) == "large"]
+    return len(large) == 1 and sizes[0] >= min_ratio * sizes[1]
+
+
+def scene_facts(scene: world.Scene) -> dict[str, Any]:
+    """The probe's targets for one scene, as label names (and the centre as floats)."""
+    big = largest_object(scene)
+    return {"background": scene.background, "count": str(len(scene.objects)), "shape": big.shape,
+            "colour": big.colour, "cell": world.grid3_name(big.cx, big.cy), "center": (big.cx, big.cy)}
+
+
+def probe_targets(scenes: Sequence[world.Scene], labels: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+    """Class indices per head (int64 [B]) and ``center`` (float32 [B, 2]) for a batch of scenes."""
+    facts = [scene_facts(s) for s in scenes]
+    out: dict[str, torch.Tensor] = {}
+    for head in CLASS_HEADS:
+        index = {name: i for i, name in enumerate(labels[head])}
+        try:
+            out[head] = torch.tensor([index[f[head]] for f in facts], dtype=torch.long)
+        except KeyError as e:
+            raise UserError(f"probe: scene has {head} {e.args[0]!r}, which this probe has no label for") from None
+    out["center"] = torch.tensor([f["center"] for f in facts], dtype=torch.float32)
+    return out
+
+
+# ----------------------------------------------------------------------------- model
+@dataclass
+class ProbeModelConfig:
+    """Architecture of the probe (written to its config.json)."""
+
+    image_size: int = cfg_field(32, ge=8, help="input resolution (images are resized to it)")
+    channels: list[int] = cfg_field(default_factory=lambda: [32, 64, 128, 128], ge=1,
+                                    help="conv stage widths; every stage after the first halves the resolution")
+    hidden: int = cfg_field(256, ge=1, help="width of the MLP before the heads")
+    pooled_features: bool = cfg_field(False, help="also feed the globally averaged features to the MLP "
+                                                  "(position-free evidence for shape and colour)")
+    max_objects: int = cfg_field(3, ge=1, help="largest object count the count head can say")
+
+
+class AttributeProbe(nn.Module):
+    """CNN with one head per scene attribute (see the module docstring)."""
+
+    def __init__(self, config: ProbeModelConfig, labels: dict[str, list[str]] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.labels = labels or default_labels(config.max_objects)
+        layers: list[nn.Module] = []
+        in_ch = 3 + 2  # RGB + (x, y) coordinate channels
+        for i, ch in enumerate(config.channels):
+            stride = 1 if i == 0 else 2
+            layers += [nn.Conv2d(in_ch, ch, 3, stride=stride, padding=1), nn.GroupNorm(min(8, ch), ch), nn.SiLU(),
+                       nn.Conv2d(ch, ch, 3, padding=1), nn.GroupNorm(min(8, ch), ch), nn.SiLU()]
+            in_ch = ch
+        self.features = nn.Sequential(*layers)
+        side = math.ceil(config.image_size / 2 ** (len(config.channels) - 1))
+        mlp_in = in_ch * side * side + (in_ch if config.pooled_features else 0)
+        self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(mlp_in, config.hidden), nn.SiLU())
+        self.heads = nn.ModuleDict({h: nn.Linear(config.hidden, len(self.labels[h])) for h in CLASS_HEADS})
+        self.center = nn.Linear(config.hidden, 2)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``images`` (B, 3, H, W) in [-1, 1] -> logits per class head and ``center`` (B, 2) in [0, 1]."""
+        size = self.config.image_size
+        if images.shape[-2:] != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        b = images.shape[0]
+        coords = torch.linspace(-1.0, 1.0, size, device=images.device, dtype=images.dtype)
+        xs = coords.view(1, 1, 1, size).expand(b, 1, size, size)
+        ys = coords.view(1, 1, size, 1).expand(b, 1, size, size)
+        fmap = self.features(torch.cat([images, xs, ys], dim=1))
+        flat = [fmap.flatten(1), fmap.mean(dim=(2, 3))] if self.config.pooled_features else [fmap.flatten(1)]
+        h = self.mlp(torch.cat(flat, dim=1))
+        out = {name: head(h) for name, head in self.heads.items()}
+        out["center"] = torch.sigmoid(self.center(h))
+        return out
+
+
+def probe_loss(outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+               center_weight: float = 10.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sum of per-head cross-entropies plus ``center_weight`` × centre MSE; also the parts as floats."""
+    parts = {h: F.cross_entropy(outputs[h].float(), targets[h]) for h in CLASS_HEADS}
+    parts["center"] = F.mse_loss(outputs["center"].float(), targets["center"]) * center_weight
+    total = torch.stack(list(parts.values())).sum()
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def save_probe(probe: AttributeProbe, folder: str | Path) -> None:
+    """Write ``model.safetensors`` + ``config.json`` (architecture + labels) into an existing folder."""
+    save_tensors(folder, probe.state_dict(), {"model": to_dict(probe.config), "labels": probe.labels})
+
+
+def load_probe(folder: str | Path) -> AttributeProbe:
+    """Rebuild a saved probe (eval mode)."""
+    from vilex.config import from_dict
+
+    tensors, config = load_tensors(folder)
+    if "model" not in config or "labels" not in config:
+        raise UserError(f"{folder}: config.json is not an attribute-probe config (needs 'model' and 'labels')")
+    probe = AttributeProbe(from_dict(ProbeModelConfig, config["model"]), config["labels"])
+    probe.load_state_dict(tensors)
+    return probe.eval()
+
+
+# ----------------------------------------------------------------------------- judging
+@torch.no_grad()
+def predict(probe: AttributeProbe, images: torch.Tensor, batch_size: int = 256) -> dict[str, Any]:
+    """Predicted label names per head (lists) and ``center`` (np [B, 2]) for images in [-1, 1]."""
+    names: dict[str, list[str]] = {h: [] for h in CLASS_HEADS}
+    centers = []
+    for i in range(0, images.shape[0], batch_size):
+        out = probe(images[i:i + batch_size].float())
+        for h in CLASS_HEADS:
+            names[h] += [probe.labels[h][j] for j in out[h].argmax(-1).tolist()]
+        centers.append(out["center"].numpy())
+    return {**names, "center": np.concatenate(centers) if centers else np.zeros((0, 2))}
+
+
+def judge(probe: AttributeProbe, images: torch.Tensor, scenes: Sequence[world.Scene]) -> dict[str, np.ndarray]:
+    """Per image: is each predicted attribute right (bool per class head), and the centre error (L2)."""
+    if len(scenes) != images.shape[0]:
+        raise ValueError(f"judge: {images.shape[0]} images but {len(scenes)} scenes")
+    pred = predict(probe, images)
+    facts = [scene_facts(s) for s in scenes]
+    result = {h: np.array([p == f[h] for p, f in zip(pred[h], facts)], dtype=bool) for h in CLASS_HEADS}
+    truth = np.array([f["center"] for f in facts], dtype=np.float64).reshape(-1, 2)
+    result["center_error"] = np.linalg.norm(pred["center"] - truth, axis=-1)
+    return result
+
+
+def summarize(judgement: dict[str, np.ndarray], mask: np.ndarray | None = None) -> dict[str, float]:
+    """Accuracy per head (and mean centre error) over all images or those where ``mask`` is True."""
+    out: dict[str, float] = {}
+    for key, values in judgement.items():
+        v = values if mask is None else values[mask]
+        name = key if key == "center_error" else f"{key}_accuracy"
+        out[name] = round(float(v.mean()), 4) if len(v) else float("nan")
+    out["n"] = int(len(next(iter(judgement.values()))) if mask is None else int(mask.sum()))
+    return out
+
+
+def chance_levels(labels: dict[str, list[str]]) -> dict[str, float]:
+    """Accuracy of uniform guessing per class head (a reference for the numbers above)."""
+    return {f"{h}_accuracy": round(1.0 / len(labels[h]), 4) for h in CLASS_HEADS}
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class ProbeTrainConfig:
+    """How the probe is trained (optimisation and data)."""
+
+    steps: int = cfg_field(2500, ge=1)
+    batch_size: int = cfg_field(64, ge=1)
+    lr: float = cfg_field(2e-3, gt=0)
+    warmup_steps: int = cfg_field(100, ge=0)
+    weight_decay: float = cfg_field(0.01, ge=0)
+    noise_std_max: float = cfg_field(0.08, ge=0, help="per-image Gaussian pixel noise std ~ U(0, this), [-1,1] units")
+    center_weight: float = cfg_field(10.0, ge=0)
+    threads: int = cfg_field(2, ge=1, help="torch intra-op threads")
+    num_workers: int = cfg_field(1, ge=0, help="DataLoader workers rendering scenes (0 = in this process)")
+    log_every: int = cfg_field(50, ge=1)
+
+
+@dataclass
+class ProbeConfig:
+    """One probe experiment (configs/toy/probe.yaml)."""
+
+    seed: int = cfg_field(0, help="seed of the training and held-out scene streams")
+    model: ProbeModelConfig = field(default_factory=ProbeModelConfig)
+    train: ProbeTrainConfig = field(default_factory=ProbeTrainConfig)
+    eval_scenes: int = cfg_field(1024, ge=1, help="held-out scenes the final accuracies are measured on")
+
+
+def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine down to ``floor``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def evaluate_probe(probe: AttributeProbe, seed: int, n_scenes: int) -> dict[str, Any]:
+    """Accuracy per head on ``n_scenes`` held-out renders: all scenes, and those with a clear largest object."""
+    scenes = heldout_scenes(seed, n_scenes)
+    images = images_to_unit_range(render_batch(scenes, probe.config.image_size))
+    judgement = judge(probe.eval(), images, scenes)
+    clear = np.array([clear_largest(s) for s in scenes])
+    return {"all": summarize(judgement), "clear_largest": summarize(judgement, clear),
+            "chance": chance_levels(probe.labels)}
+
+
+def train_probe(cfg: ProbeConfig, out: str | Path, log_file: str | Path | None = None) -> dict[str, Any]:
+    """Train the probe on freshly rendered scenes, measure it on held-out ones, save it to ``out``."""
+    torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    started = time.time()
+    probe = AttributeProbe(cfg.model)
+    opt = torch.optim.AdamW(probe.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, cfg.train.steps, cfg.train.warmup_steps))
+    noise_gen = torch.Generator().manual_seed(cfg.seed)
+    batches = SceneBatches(cfg.seed, 0, cfg.train.steps, cfg.train.batch_size, cfg.model.image_size,
+                           {"max_objects": cfg.model.max_objects})
+    log_fh = open(log_file, "a") if log_file else None
+    probe.train()
+    losses: list[float] = []
+    try:
+        for step, images_u8, scenes in scene_loader(batches, cfg.train.num_workers):
+            images = images_to_unit_range(images_u8)
+            std = torch.rand(images.shape[0], 1, 1, 1, generator=noise_gen) * cfg.train.noise_std_max
+            images = images + std * torch.randn(images.shape, generator=noise_gen)
+            loss, parts = probe_loss(probe(images), probe_targets(scenes, probe.labels), cfg.train.center_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+                line = (f"step {step + 1}/{cfg.train.steps} loss {np.mean(losses[-cfg.train.log_every:]):.4f} "
+                        + " ".join(f"{k} {v:.3f}" for k, v in parts.items()) + f" lr {sched.get_last_lr()[0]:.2e}")
+                log.info(line)
+                if log_fh:
+                    log_fh.write(line + "\n")
+                    log_fh.flush()
+    finally:
+        if log_fh:
+            log_fh.close()
+    metrics = {"heldout": evaluate_probe(probe, cfg.seed, cfg.eval_scenes),
+               "final_train_loss": round(float(np.mean(losses[-cfg.train.log_every:])), 4),
+               "parameters": sum(p.numel() for p in probe.parameters())}
+    with atomic_dir(out) as tmp:
+        save_probe(probe, tmp)
+        write_recipe(tmp, "probe", to_dict(cfg), cfg.seed, time.time() - started, metrics)
+        if log_file and Path(log_file).is_file():
+            (tmp / "train_log.txt").write_text(Path(log_file).read_text())
+    return metrics
