@@ -1,0 +1,64 @@
+"""The shipped VLM configs load, validate and say what their names claim (LLaVA-1.5 recipe); the real-scale model
+shapes are checked on the meta device (no weights, nothing downloaded)."""
+
+import pytest
+import torch
+from pretrain_helpers import REPO
+
+from vilex.cli.main import main as vilex_main
+from vilex.config import load_config
+from vilex.train.strategy import fill_deepspeed_config
+from vlm.config import VLMConfig
+from vlm.projector import build_projectors
+from vlm.towers import VISION_TOWERS, SiglipPatchTower
+
+REAL = ["qwen2.5-7b_siglip-so400m.yaml", "qwen2.5-7b_vilex.yaml", "qwen2.5-7b_vilex-tokens.yaml"]
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_scale_configs_follow_the_llava_recipe(name):
+    cfg = load_config(VLMConfig, REPO / "configs" / "vlm" / name)
+    assert cfg.model.llm.name_or_path == "Qwen/Qwen2.5-7B-Instruct" and cfg.model.projector.type == "mlp2x_gelu"
+    assert cfg.model.tower.type == {"qwen2.5-7b_siglip-so400m.yaml": "siglip", "qwen2.5-7b_vilex.yaml": "vilex",
+                                    "qwen2.5-7b_vilex-tokens.yaml": "vilex_tokens"}[name]
+    assert cfg.model.tower.type in VISION_TOWERS and cfg.model.tower.feature_layer == -2
+    if cfg.model.tower.type == "siglip":
+        assert cfg.model.tower.name_or_path == "google/siglip-so400m-patch14-224"
+    a, i = cfg.align, cfg.instruct
+    assert (a.lr, a.global_batch_size, i.lr, i.global_batch_size) == (1e-3, 256, 2e-5, 128)
+    assert (a.data.template, i.data.template, i.init_from, cfg.full) == ("align", "instruct", "previous", None)
+    for stage, zero in ((a, 2), (i, 3)):
+        assert stage.strategy == "deepspeed" and stage.precision == "bf16"
+        ds = fill_deepspeed_config(REPO / stage.deepspeed_config, stage.micro_batch_size,
+                                   stage.global_batch_size // (stage.micro_batch_size * 8), 8, stage.grad_clip,
+                                   stage.precision, {"betas": stage.betas, "eps": stage.eps,
+                                                     "weight_decay": stage.weight_decay})
+        assert ds["zero_optimization"]["stage"] == zero and ds["train_batch_size"] == stage.global_batch_size
+    assert cfg.output_dir.name == name.removesuffix(".yaml")
+    assert vilex_main(["train-vlm", "--config", str(REPO / "configs" / "vlm" / name), "--stage", "instruct",
+                       "--dry-run"]) == 0
+
+
+def test_real_scale_shapes_on_meta_device():
+    """SigLIP so400m/14@224 + Qwen2.5-7B: 256 image tokens of width 1152 projected to 3584, penultimate layer valid."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    with torch.device("meta"):
+        vit = SiglipVisionModel(SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                                   num_attention_heads=16, patch_size=14, image_size=224))
+        llm = Qwen2ForCausalLM(Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                           num_attention_heads=28, num_key_value_heads=4, vocab_size=152064))
+        tower = SiglipPatchTower(vit, feature_layer=-2)
+        projectors = build_projectors("mlp2x_gelu", tower.feature_groups, llm.config.hidden_size)
+        feats = tower(torch.empty(2, 3, 224, 224, device="meta"))["patch"]
+        out = projectors["patch"](feats)
+    assert tower.num_image_tokens == 256 and feats.shape == (2, 256, 1152) and out.shape == (2, 256, 3584)
+    assert sum(p.numel() for p in projectors.parameters()) == 1152 * 3584 + 3584 + 3584 * 3584 + 3584
+
+
+def test_tiny_config_loads_and_dry_runs(capsys):
+    cfg = load_config(VLMConfig, REPO / "configs" / "vlm" / "tiny.yaml")
+    assert (cfg.align.precision, cfg.align.strategy, cfg.align.global_batch_size) == ("fp32", "torch", 4)
+    assert vilex_main(["train-vlm", "--config", str(REPO / "configs" / "vlm" / "tiny.yaml"), "--stage", "align",
+                       "--dry-run", "--set", "align.lr=0.5"]) == 0
+    assert "lr: 0.5" in capsys.readouterr().out

@@ -1,0 +1,61 @@
+"""vlm/cli.py — the stage-2 commands of the ``vilex`` CLI (imported by vilex/cli/main.py as an optional module).
+
+    vilex train-vlm  --config configs/vlm/qwen2.5-7b_siglip-so400m.yaml --stage align    [--resume auto] [--set k=v]
+    vilex train-vlm  --config ... --stage instruct   (starts from the align stage's latest checkpoint by default)
+    vilex export-hf  --checkpoint runs/vlm/.../instruct --out exported/   (a checkpoint or a stage/run folder)
+
+Multi-process: ``torchrun --nproc_per_node N -m vilex train-vlm ...`` (strategy torch = DDP, or deepspeed). Heavy
+imports stay inside the run functions so ``vilex --help`` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from vilex.cli.main import add_config_args, command
+
+STAGES = ("align", "instruct", "full")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    add_config_args(p, required=True)
+    p.add_argument("--stage", required=True, choices=STAGES, help="which stage of the recipe to run")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="'auto' = latest checkpoint of this stage (fresh start if none); or a checkpoint folder")
+    p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, and exit")
+
+
+@command("train-vlm", help="Stage 2: train the LLaVA-style VLM (align, instruct or full stage)")(_train_args)
+def _train(args: argparse.Namespace) -> int:
+    from vilex.config import load_config, to_dict
+    from vilex.train import distributed as D
+    from vlm.config import VLMConfig
+
+    cfg = load_config(VLMConfig, args.config, args.overrides)
+    cfg.stage(args.stage)  # a missing stage section is an error before anything loads
+    if args.dry_run:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    from vlm.train import train_vlm
+
+    summary = train_vlm(cfg, args.stage, resume=args.resume)
+    if D.env_world()[0] == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2, default=str))
+    if D.env_world()[1] > 1:
+        D.shutdown_and_exit(0)
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a VLM checkpoint folder, or a stage folder (its latest)")
+    p.add_argument("--out", required=True, help="output folder (HF LlavaForConditionalGeneration + LlavaProcessor)")
+
+
+@command("export-hf", help="export a VLM checkpoint (siglip / vilex tower) as a standard HF Llava model")(_export_args)
+def _export(args: argparse.Namespace) -> int:
+    from vlm.export import export_hf
+
+    print(export_hf(args.checkpoint, args.out))
+    return 0

@@ -1,0 +1,164 @@
+"""vlm/config.py — the typed experiment config of `vilex train-vlm` (one YAML per experiment in configs/vlm/).
+
+    model:     the VLM: vision tower (registry type), projector (registry type), LLM (HF causal LM by id or path)
+    align:     stage 1 of the LLaVA recipe (projector only; plain captioning data)
+    instruct:  stage 2 (projector + LLM; chat-template conversations)
+    full:      optional third stage (projector + LLM + tower), off unless given
+    output_dir each stage writes <output_dir>/<stage>/ (checkpoints/, summary.json, config.yaml)
+
+Decisions worth knowing:
+
+* One ``StageConfig`` per stage holds BOTH its data and its optimisation recipe (prismatic-vlms style), so the
+  LLaVA-1.5 recipe is readable in one YAML: align lr 1e-3, batch 256, ZeRO-2; instruct lr 2e-5, batch 128, ZeRO-3.
+* Batch sizes are in SAMPLES (conversations), as LLaVA states them: ``global_batch_size`` = micro x accumulation x
+  processes; the accumulation is derived at run time from the number of processes (an error if it does not divide).
+  Packing changes how a micro-batch's samples are laid out in rows, never which samples form a step.
+* What a stage trains comes from the explicit map ``STAGE_TRAINS`` (model.py); ``trainable`` overrides it.
+* ``init_from: previous`` (the default of instruct/full) loads the projector (and tower, when it was trained) of the
+  previous stage's latest checkpoint in the same ``output_dir``; a path loads from that checkpoint instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from vilex.config import cfg_field
+from vilex.errors import ConfigError
+
+Component = Literal["projector", "llm", "tower"]
+STAGE_ORDER = ("align", "instruct", "full")
+
+
+@dataclass
+class TowerConfig:
+    """The vision tower (see vlm/towers.py for the registered types)."""
+
+    type: str = cfg_field("siglip", help="registry name in vlm.towers.VISION_TOWERS: siglip | vilex | vilex_tokens")
+    name_or_path: str = cfg_field("google/siglip-so400m-patch14-224",
+                                  help="siglip: hub id or folder of a SiglipVisionModel; vilex*: a stage-1 checkpoint")
+    feature_layer: int = cfg_field(-2, help="hidden_states index, HF convention (no final norm): -2 = penultimate")
+    num_vilex_tokens: Optional[int] = cfg_field(None, ge=1, help="vilex_tokens: the first m ViLex tokens (None = all)")
+    image_fit: Literal["resize", "crop", "letterbox"] = cfg_field(
+        "resize", help="how an image becomes a square: resize (= the exported SigLIP processor), crop, letterbox")
+    gradient_checkpointing: bool = cfg_field(False, help="non-reentrant activation checkpointing in the tower")
+
+
+@dataclass
+class ProjectorConfig:
+    type: str = cfg_field("mlp2x_gelu", help="registry name in vlm.projector.PROJECTORS: mlp2x_gelu | linear")
+
+
+@dataclass
+class LLMConfig:
+    name_or_path: str = cfg_field("Qwen/Qwen2.5-7B-Instruct", help="any HF causal LM: hub id or local folder")
+    tokenizer: Optional[str] = cfg_field(None, help="tokenizer id/folder (None = name_or_path)")
+    dtype: Literal["float32", "bfloat16"] = cfg_field("float32", help="weights dtype at load (DeepSpeed bf16 casts)")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = cfg_field(False, help="non-reentrant activation checkpointing in the LLM")
+    image_token: str = cfg_field("<image>", help="the placeholder token added to the tokenizer")
+
+
+@dataclass
+class VLMModelConfig:
+    tower: TowerConfig = field(default_factory=TowerConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+
+
+@dataclass
+class StageDataConfig:
+    """LLaVA JSON conversations (see vlm/data.py) and how samples become tokens."""
+
+    json: Optional[Path] = cfg_field(None, help="LLaVA-format JSON list (or .jsonl) of samples")
+    image_root: Optional[Path] = cfg_field(None, help="folder the samples' `image` paths are relative to")
+    template: Optional[Literal["align", "instruct"]] = cfg_field(
+        None, help="align = plain captioning, instruct = the LLM's chat template (None = by stage)")
+    max_length: int = cfg_field(2048, ge=8, help="tokens per sample (and per packed row)")
+    on_too_long: Literal["truncate", "error"] = "truncate"
+    on_bad_image: Literal["error", "skip"] = cfg_field("error", help="missing/undecodable image: error or counted skip")
+    packing: bool = cfg_field(True, help="several samples per row, no attention across samples")
+    pack_length: Optional[int] = cfg_field(
+        None, ge=8, help="tokens per packed row (None = max_length); longer rows waste less padding and cost nothing "
+                         "extra with flash-attention 2 (varlen), while sdpa attention grows with the row")
+    group_by_length: bool = cfg_field(True, help="length-grouped micro-batches (less padding when not packing)")
+    num_workers: int = cfg_field(0, ge=0)
+
+
+@dataclass
+class StageConfig:
+    data: StageDataConfig = field(default_factory=StageDataConfig)
+    trainable: Optional[list[Component]] = cfg_field(None, help="override the stage's default trainable components")
+    init_from: Optional[str] = cfg_field(None, help="'previous' | a checkpoint/run folder | None: start weights")
+    lr: float = cfg_field(1e-3, gt=0, help="projector (and LLM) learning rate")
+    tower_lr: Optional[float] = cfg_field(None, gt=0, help="tower learning rate when it trains (None = lr)")
+    weight_decay: float = cfg_field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = cfg_field(1e-8, gt=0)
+    warmup_ratio: float = cfg_field(0.03, ge=0, lt=1)
+    min_lr_ratio: float = cfg_field(0.0, ge=0, le=1)
+    grad_clip: Optional[float] = cfg_field(1.0, gt=0)
+    global_batch_size: int = cfg_field(256, ge=1, help="samples per optimizer step over all processes")
+    micro_batch_size: int = cfg_field(16, ge=1, help="samples per process per forward")
+    epochs: int = cfg_field(1, ge=1)
+    max_steps: Optional[int] = cfg_field(None, ge=1, help="stop after this many steps (None = the epochs' steps)")
+    strategy: Literal["torch", "deepspeed"] = "torch"
+    deepspeed_config: Optional[Path] = cfg_field(None, help="configs/deepspeed/*.json (strategy: deepspeed)")
+    precision: Literal["fp32", "bf16"] = "bf16"
+    seed: int = 0
+    checkpoint_every: int = cfg_field(500, ge=1)
+    keep_last: int = cfg_field(2, ge=1)
+    log_every: int = cfg_field(10, ge=1)
+    max_consecutive_nonfinite: int = cfg_field(5, ge=1)
+
+    def validate(self) -> None:
+        if self.data.pack_length is not None and self.data.pack_length < self.data.max_length:
+            raise ConfigError(f"data.pack_length ({self.data.pack_length}) must be >= data.max_length "
+                              f"({self.data.max_length})")
+        if self.strategy == "deepspeed" and self.deepspeed_config is None:
+            raise ConfigError("deepspeed_config is required with strategy: deepspeed")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"global_batch_size ({self.global_batch_size}) must be a multiple of "
+                              f"micro_batch_size ({self.micro_batch_size})")
+
+
+def _align_defaults() -> StageConfig:
+    return StageConfig(data=StageDataConfig(template="align"), lr=1e-3, global_batch_size=256, micro_batch_size=32)
+
+
+def _instruct_defaults() -> StageConfig:
+    return StageConfig(data=StageDataConfig(template="instruct"), init_from="previous", lr=2e-5,
+                       global_batch_size=128, micro_batch_size=16)
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = False
+    wandb_project: Optional[str] = None
+
+
+@dataclass
+class VLMConfig:
+    model: VLMModelConfig = field(default_factory=VLMModelConfig)
+    align: StageConfig = field(default_factory=_align_defaults)
+    instruct: StageConfig = field(default_factory=_instruct_defaults)
+    full: Optional[StageConfig] = cfg_field(None, help="optional stage that also trains the tower")
+    output_dir: Path = Path("runs/vlm")
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def stage(self, name: str) -> StageConfig:
+        """The config of stage ``name``; a stage the YAML does not define is a one-line error."""
+        if name not in STAGE_ORDER:
+            raise ConfigError(f"unknown stage '{name}'; stages: {', '.join(STAGE_ORDER)}")
+        cfg = getattr(self, name)
+        if cfg is None:
+            raise ConfigError(f"stage '{name}' is not defined in this config (add a '{name}:' section)")
+        return cfg
+
+    def stage_dir(self, name: str) -> Path:
+        return Path(self.output_dir) / name
+
+
+def template_for(stage: str, cfg: StageConfig) -> str:
+    """The template a stage uses: its own setting, else 'align' for align and 'instruct' otherwise."""
+    return cfg.data.template or ("align" if stage == "align" else "instruct")
