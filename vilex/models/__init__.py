@@ -5,14 +5,33 @@ taildrop.py -> conditioning.py (the one place text-encoder inputs are built) -> 
 models, diffusion loss) -> vilex_model.py (training forward, checkpoint layout). tiny.py builds tiny
 stand-ins of every component for tests and benchmarks. Inference lives in vilex/pipeline.py.
 """
-from vilex.models.conditioning import SpecialTokens, TextLayout, build_text_conditioning, build_text_layout
-from vilex.models.configs import DecoderConfig, PoolerConfig, TailDropConfig, ViLexConfig, VisionTowerConfig
-from vilex.models.decoders import FrozenDecoder, PixelUNetDecoder, StableDiffusionDecoder, build_frozen_decoder
-from vilex.models.encoder import AttentionPooler, ViLexEncoder
-from vilex.models.registry import FROZEN_DECODERS, VISION_TOWERS, load_pretrained
-from vilex.models.taildrop import sample_num_keep
-from vilex.models.towers import SiglipTower, TimmTower, VisionTower, build_vision_tower
-from vilex.models.vilex_model import ViLexModel, build_vilex_model, read_vilex_config, write_checkpoint
+import importlib
+from typing import Any
+
+# Names resolve lazily (PEP 562): importing a config dataclass must not pull in diffusers/transformers
+# (seconds per process start for the CLI, stage 2 and tests). Registries are filled by the modules that
+# define their entries (towers.py, decoders.py), which the build functions import.
+_WHERE = {
+    "SpecialTokens": "conditioning", "TextLayout": "conditioning", "build_text_conditioning": "conditioning",
+    "build_text_layout": "conditioning",
+    "DecoderConfig": "configs", "PoolerConfig": "configs", "TailDropConfig": "configs", "ViLexConfig": "configs",
+    "VisionTowerConfig": "configs",
+    "FrozenDecoder": "decoders", "PixelUNetDecoder": "decoders", "StableDiffusionDecoder": "decoders",
+    "build_frozen_decoder": "decoders",
+    "AttentionPooler": "encoder", "ViLexEncoder": "encoder",
+    "FROZEN_DECODERS": "registry", "VISION_TOWERS": "registry", "load_pretrained": "registry",
+    "sample_num_keep": "taildrop",
+    "SiglipTower": "towers", "TimmTower": "towers", "VisionTower": "towers", "build_vision_tower": "towers",
+    "ViLexModel": "vilex_model", "build_vilex_model": "vilex_model", "read_vilex_config": "vilex_model",
+    "write_checkpoint": "vilex_model",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'vilex.models' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"vilex.models.{_WHERE[name]}"), name)
+
 
 __all__ = [
     "FROZEN_DECODERS",
