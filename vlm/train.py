@@ -24,28 +24,25 @@ import contextlib
 import json
 import logging
 import math
-import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from vilex.checkpoint import CheckpointManager, publish_dir, temp_dir_for
+from vilex.checkpoint import CheckpointManager
 from vilex.config import save_config, to_dict
 from vilex.errors import ConfigError, UserError
 from vilex.train import distributed as D
+from vilex.train.common import NonFiniteLossError  # noqa: F401 (re-exported for callers)
+from vilex.train.common import (NonFiniteGuard, check_same_run_shape, rng_state, save_distributed, seed_everything,
+                                set_rng_state, sum_over_ranks)
 from vilex.train.strategy import STRATEGIES, Strategy, warmup_cosine
 from vlm.config import STAGE_ORDER, StageConfig, VLMConfig, template_for
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(UserError):
-    """Too many non-finite losses in a row: the run stops, the last good checkpoint is kept."""
 
 
 @dataclass
@@ -79,25 +76,6 @@ class DataCounters:
         self.real_tokens += batch.real_tokens
         self.padded_tokens += batch.padded_tokens
         self.empty_batches += int(batch.num_samples == 0)
-
-
-def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def resolve_init_from(cfg: VLMConfig, stage: str, init_from: str | None) -> Path | None:
@@ -156,7 +134,7 @@ class VLMTrainer:
 
         sc = self.sc
         D.init_process_group_if_needed()
-        _seed_everything(sc.seed)  # identical projector init on every rank
+        seed_everything(sc.seed)  # identical projector init on every rank
         weights_from = self.resume_from or resolve_init_from(self.cfg, self.stage, sc.init_from)
         self.model = VLM.build(self.cfg.model, weights_from=weights_from)
         self.model.set_trainable(sc.trainable or STAGE_TRAINS[self.stage])
@@ -229,45 +207,34 @@ class VLMTrainer:
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def save(self) -> Path:
-        """All ranks write into one temp folder; rank 0 publishes it atomically."""
-        step = self.state.step
-        final = self.ckpts.path_for(step)
-        tmp = temp_dir_for(final, tag=f"step{step}")
-        if self.strategy.is_main:
-            self.ckpts.clean_stale()
-            tmp.mkdir(parents=True)
-        D.barrier()
-        torch.save({"rng": _rng_state(), "counters": self.counters.__dict__}, tmp / f"rank{self.rank}.pt")
-        if self.strategy.name == "deepspeed":
-            self.strategy.save(tmp)
-        with self._gathered():
-            if self.strategy.is_main:
-                if self.strategy.name == "torch":
-                    self.strategy.save(tmp)
-                self.model.save_components(tmp, self.keep_components, stage=self.stage)
-                (tmp / "trainer_state.json").write_text(json.dumps(
-                    {**self.state.__dict__, "world_size": self.world, "strategy": self.strategy.name,
-                     "stage": self.stage}, indent=1))
-        D.barrier()
-        if self.strategy.is_main:
-            publish_dir(tmp, final)
-            self.ckpts.prune()
-            log.info("saved %s", final)
-        D.barrier()
-        return final
+        """All ranks write into one temp folder; rank 0 publishes it atomically (vilex.train.common)."""
+
+        def every_rank(tmp: Path) -> None:
+            torch.save({"rng": rng_state(), "counters": self.counters.__dict__}, tmp / f"rank{self.rank}.pt")
+            if self.strategy.name == "deepspeed":
+                self.strategy.save(tmp)
+
+        def main_only(tmp: Path) -> None:
+            if self.strategy.name == "torch":
+                self.strategy.save(tmp)
+            self.model.save_components(tmp, self.keep_components, stage=self.stage)
+            (tmp / "trainer_state.json").write_text(json.dumps(
+                {**self.state.__dict__, "world_size": self.world, "strategy": self.strategy.name,
+                 "stage": self.stage}, indent=1))
+
+        return save_distributed(self.ckpts, self.state.step, self.strategy.is_main, every_rank, main_only,
+                                self._gathered)
 
     def load(self, folder: Path) -> None:
         """Restore optimizer/scheduler, counters, RNG (the weights were built from the folder's components)."""
         st = json.loads((folder / "trainer_state.json").read_text())
-        if st["world_size"] != self.world or st["strategy"] != self.strategy.name or st["stage"] != self.stage:
-            raise UserError(f"{folder} was written by stage '{st['stage']}' with {st['world_size']} process(es) and "
-                            f"strategy '{st['strategy']}'; this run is '{self.stage}' with {self.world} and "
-                            f"'{self.strategy.name}' — exact resume needs the same")
+        check_same_run_shape(folder, st, {"world_size": self.world, "strategy": self.strategy.name,
+                                          "stage": self.stage})
         self.state = RunState(**{k: v for k, v in st.items() if k in RunState.__dataclass_fields__})
         self.strategy.load(folder)
         own = torch.load(folder / f"rank{self.rank}.pt", map_location="cpu", weights_only=False)
         self.counters = DataCounters(**own["counters"])
-        _set_rng_state(own["rng"])
+        set_rng_state(own["rng"])
         log.info("resumed from %s at step %d", folder, self.state.step)
 
     # ---- the loop
@@ -275,6 +242,7 @@ class VLMTrainer:
         from tqdm.auto import tqdm
 
         sc = self.sc
+        self.guard = NonFiniteGuard(self.state, sc.max_consecutive_nonfinite, self.ckpts.latest)
         it = iter(self.loader)
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.strategy.is_main,
                    desc=f"train-vlm {self.stage}", dynamic_ncols=True)
@@ -289,9 +257,9 @@ class VLMTrainer:
                 self.strategy.backward(loss)
             self.state.micro_steps += 1
             if not finite:
-                self._on_nonfinite()
+                self.guard.bad()
                 continue
-            self.state.nonfinite_in_a_row = 0
+            self.guard.ok()
             result = self.strategy.step()
             window.append(float(loss.detach()))
             if not result.stepped:
@@ -311,22 +279,8 @@ class VLMTrainer:
         bar.close()
         return self.summary()
 
-    def _on_nonfinite(self) -> None:
-        self.state.nonfinite_total += 1
-        self.state.nonfinite_in_a_row += 1
-        log.warning("non-finite loss at step %d: micro-batch skipped (%d in a row, %d total)", self.state.step,
-                    self.state.nonfinite_in_a_row, self.state.nonfinite_total)
-        if self.state.nonfinite_in_a_row >= self.sc.max_consecutive_nonfinite:
-            last = self.ckpts.latest()
-            raise NonFiniteLossError(
-                f"{self.state.nonfinite_in_a_row} non-finite losses in a row at step {self.state.step}; stopping. "
-                f"Last good checkpoint: {last if last else 'none written yet'}. "
-                "Lower the learning rate or check the data.")
-
     def _sum(self, values: list[float]) -> list[float]:
-        """Sum over ranks (on the strategy's device: nccl reduces only GPU tensors)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.strategy.device)
-        return D.all_reduce_sum(t).cpu().tolist()
+        return sum_over_ranks(values, self.strategy.device)
 
     def _log(self, loss: float, grad_norm: float | None, tokens_per_s: float) -> None:
         if not self.strategy.is_main:

@@ -19,29 +19,26 @@ import contextlib
 import json
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from vilex.checkpoint import CheckpointManager, publish_dir, temp_dir_for
+from vilex.checkpoint import CheckpointManager
 from vilex.config import save_config, to_dict
 from vilex.errors import UserError
 from vilex.train import distributed as D
 from vilex.train.config import PretrainConfig
+from vilex.train.common import NonFiniteLossError  # noqa: F401 (re-exported for callers)
+from vilex.train.common import (NonFiniteGuard, check_same_run_shape, rng_state, save_distributed, seed_everything,
+                                set_rng_state, sum_over_ranks)
 from vilex.train.ema import EMA
 from vilex.train.strategy import STRATEGIES, Strategy, warmup_cosine
 from vilex.train.throughput import measure_matmul_peak, peak_memory_bytes
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(UserError):
-    """Too many non-finite losses in a row: the run stops, the last good checkpoint is kept."""
 
 
 @dataclass
@@ -54,28 +51,6 @@ class RunState:
     nonfinite_total: int = 0
     nonfinite_in_a_row: int = 0
     losses: list[float] = field(default_factory=list)  # per optimizer step (rank-mean), for tests/plots
-
-
-# ----------------------------------------------------------------------------- RNG state
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "generator": generator.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -106,7 +81,7 @@ class Pretrainer:
 
         cfg, tc = self.cfg, self.cfg.train
         D.init_process_group_if_needed()
-        _seed_everything(tc.seed)  # identical model init on every rank
+        seed_everything(tc.seed)  # identical model init on every rank
         self.model = ViLexModel.from_config(cfg.model)
         self.decoder = self.model.decoder
         self.encoder = self.model.encoder
@@ -174,40 +149,29 @@ class Pretrainer:
 
     # ---- checkpoints
     def save(self) -> Path:
-        """All ranks write into one temp folder; rank 0 publishes it atomically."""
-        step = self.state.step
-        final = self.ckpts.path_for(step)
-        tmp = temp_dir_for(final, tag=f"step{step}")
-        if self.strategy.is_main:
-            self.ckpts.clean_stale()
-            tmp.mkdir(parents=True)
-        D.barrier()
-        torch.save({"rng": _rng_state(self.generator), "loader": self.loader.state_dict()}, tmp / f"rank{self.rank}.pt")
-        if self.strategy.name == "deepspeed":
-            self.strategy.save(tmp)
-        with self._full_weights():
-            if self.strategy.is_main:
-                if self.strategy.name == "torch":
-                    self.strategy.save(tmp)
-                    torch.save({k: v.detach().clone() for k, v in self.encoder.state_dict().items()}, tmp / "encoder.pt")
-                if self.ema:
-                    torch.save(self.ema.state_dict(), tmp / "ema.pt")
-                self.model.save_pretrained(tmp / "pipeline")  # loadable on its own (ViLexPipeline.from_pretrained)
-                (tmp / "trainer_state.json").write_text(json.dumps(
-                    {**self.state.__dict__, "world_size": self.world, "strategy": self.strategy.name}, indent=1))
-        D.barrier()
-        if self.strategy.is_main:
-            publish_dir(tmp, final)
-            self.ckpts.prune()
-            log.info("saved %s", final)
-        D.barrier()
-        return final
+        """All ranks write into one temp folder; rank 0 publishes it atomically (vilex.train.common)."""
+
+        def every_rank(tmp: Path) -> None:
+            torch.save({"rng": rng_state(self.generator), "loader": self.loader.state_dict()}, tmp / f"rank{self.rank}.pt")
+            if self.strategy.name == "deepspeed":
+                self.strategy.save(tmp)
+
+        def main_only(tmp: Path) -> None:
+            if self.strategy.name == "torch":
+                self.strategy.save(tmp)
+                torch.save({k: v.detach().clone() for k, v in self.encoder.state_dict().items()}, tmp / "encoder.pt")
+            if self.ema:
+                torch.save(self.ema.state_dict(), tmp / "ema.pt")
+            self.model.save_pretrained(tmp / "pipeline")  # loadable on its own (ViLexPipeline.from_pretrained)
+            (tmp / "trainer_state.json").write_text(json.dumps(
+                {**self.state.__dict__, "world_size": self.world, "strategy": self.strategy.name}, indent=1))
+
+        return save_distributed(self.ckpts, self.state.step, self.strategy.is_main, every_rank, main_only,
+                                self._full_weights)
 
     def load(self, folder: Path) -> None:
         st = json.loads((folder / "trainer_state.json").read_text())
-        if st["world_size"] != self.world or st["strategy"] != self.strategy.name:
-            raise UserError(f"{folder} was written by {st['world_size']} process(es) with strategy '{st['strategy']}'; "
-                            f"this run has {self.world} with '{self.strategy.name}' — exact resume needs the same")
+        check_same_run_shape(folder, st, {"world_size": self.world, "strategy": self.strategy.name})
         self.state = RunState(**{k: v for k, v in st.items() if k in RunState.__dataclass_fields__})
         if self.strategy.name == "torch":
             self.encoder.load_state_dict(torch.load(folder / "encoder.pt", map_location="cpu", weights_only=True))
@@ -215,7 +179,7 @@ class Pretrainer:
         if self.ema:
             self.ema.load_state_dict(torch.load(folder / "ema.pt", map_location="cpu", weights_only=False))
         own = torch.load(folder / f"rank{self.rank}.pt", map_location="cpu", weights_only=False)
-        _set_rng_state(own["rng"], self.generator)
+        set_rng_state(own["rng"], self.generator)
         self.loader.load_state_dict(own["loader"])
         log.info("resumed from %s at step %d", folder, self.state.step)
 
@@ -246,6 +210,7 @@ class Pretrainer:
         from tqdm.auto import tqdm
 
         tc = self.cfg.train
+        self.guard = NonFiniteGuard(self.state, tc.max_consecutive_nonfinite, self.ckpts.latest)
         it = iter(self.loader)
         bar = tqdm(total=tc.max_steps, initial=self.state.step, disable=not self.strategy.is_main,
                    desc="pretrain", dynamic_ncols=True)
@@ -258,21 +223,21 @@ class Pretrainer:
                 it = iter(self.loader)
                 batch = next(it)
             loss = self.micro_step(batch)
-            finite = bool(D.all_reduce_sum(torch.isfinite(loss.detach()).all().float().reshape(1))[0] == self.world)
+            finite = sum_over_ranks([float(torch.isfinite(loss.detach()).all())], self.strategy.device)[0] == self.world
             if finite:
                 self.strategy.backward(loss)
             self.state.micro_steps += 1
             if not finite:
-                self._on_nonfinite()
+                self.guard.bad()
                 continue
-            self.state.nonfinite_in_a_row = 0
+            self.guard.ok()
             result = self.strategy.step()
             window_losses.append(float(loss.detach()))
             self.state.images_seen += tc.micro_batch_size * self.world
             if not result.stepped:
                 continue
             self.state.step += 1
-            step_loss = float(D.all_reduce_sum(torch.tensor([sum(window_losses) / len(window_losses)]))[0]) / self.world
+            step_loss = sum_over_ranks([sum(window_losses) / len(window_losses)], self.strategy.device)[0] / self.world
             window_losses = []
             self.state.losses.append(step_loss)
             if self.ema:
@@ -289,17 +254,6 @@ class Pretrainer:
                 self.save()
         bar.close()
         return self.summary()
-
-    def _on_nonfinite(self) -> None:
-        self.state.nonfinite_total += 1
-        self.state.nonfinite_in_a_row += 1
-        log.warning("non-finite loss at step %d (micro-step %d): skipped (%d in a row, %d total)",
-                    self.state.step, self.state.micro_steps, self.state.nonfinite_in_a_row, self.state.nonfinite_total)
-        if self.state.nonfinite_in_a_row >= self.cfg.train.max_consecutive_nonfinite:
-            last = self.ckpts.latest()
-            raise NonFiniteLossError(
-                f"{self.state.nonfinite_in_a_row} non-finite losses in a row at step {self.state.step}; stopping. "
-                f"Last good checkpoint: {last if last else 'none written yet'}. Lower the learning rate or check the data.")
 
     def count_flops(self) -> None:
         """Model FLOPs of one optimizer step, counted once on zero inputs of the training shapes (for MFU).
