@@ -1,0 +1,255 @@
+"""benchmarks/sweep.py — a resumable models × tasks lmms-eval sweep (``vilex eval --config …``).
+
+Each (model, task) runs in its own subprocess (``python -m benchmarks.worker``): lmms-eval writes results only at
+the end of a run, so one pair per process means a kill loses at most the pair in flight. Results live under
+
+    <output_dir>/results/<model label>/<task>/<key>/{result.json, samples.jsonl}
+
+where ``key`` hashes the checkpoint's CONTENT, the task's config files, the lmms-eval version, the generation
+kwargs, batch size and limit: a pair whose folder exists is skipped, and changing any of those makes a new key
+(old results stay, never silently reused). A failing pair leaves ``<key>.error.json`` and the sweep goes on; the
+summary (``sweep.json``) lists every pair as done / skipped / failed. Task names are checked before anything runs;
+a typo fails listing close names.
+
+Task resolution is two-tier for speed: names defined by YAMLs under ``include_path`` resolve by reading those
+files; only other names pay for lmms-eval's full task index (~15 s).
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+from vilex.config import cfg_field
+from vilex.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+SUMMARY_FILE = "sweep.json"
+
+
+@dataclass
+class SweepConfig:
+    """One sweep: models (label -> checkpoint folder) × tasks, evaluated with one lmms-eval model class."""
+
+    models: dict[str, str] = cfg_field(default_factory=dict, help="label -> checkpoint path (model_args pretrained=...)")
+    tasks: list[str] = cfg_field(default_factory=list, help="lmms-eval task names")
+    output_dir: Path = cfg_field(Path("runs/bench/sweep"), help="results, logs and sweep.json go here")
+    include_path: Path | None = cfg_field(None, help="folder of extra task YAMLs (lmms-eval --include_path)")
+    model: str = cfg_field("vilex_vlm", help="lmms-eval model name")
+    model_args: str = cfg_field("", help="extra model_args appended after pretrained=PATH")
+    batch_size: int = cfg_field(1, ge=1, help="1 for final numbers (scores change with batch size)")
+    limit: int | None = cfg_field(None, ge=1, help="docs per task (smoke runs only)")
+    gen_kwargs: str = cfg_field("", help="lmms-eval --gen_kwargs string, part of the result key")
+    use_cache: bool = cfg_field(True, help="lmms-eval response cache under output_dir/response_cache")
+    device: str = cfg_field("cpu", help="torch device for the model")
+    baseline: str | None = cfg_field(None, help="model label the report's delta column compares against")
+    headline: dict[str, str] = cfg_field(default_factory=dict,
+                                         help="task -> headline metric for the report (default: its first metric)")
+
+    def validate(self) -> None:
+        if not self.models:
+            raise ConfigError("models: at least one model (label: checkpoint path) is needed")
+        if not self.tasks:
+            raise ConfigError("tasks: at least one task is needed")
+        if self.baseline is not None and self.baseline not in self.models:
+            raise ConfigError(f"baseline: {self.baseline!r} is not one of the models {sorted(self.models)}")
+
+
+# ---------------------------------------------------------------- hashing
+def _hash_files(h: "hashlib._Hash", root: Path, files: Iterable[Path]) -> None:
+    for f in sorted(files):
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+
+
+def folder_hash(folder: str | Path) -> str:
+    """sha256 over the relative paths and bytes of every file below ``folder`` (caches excluded)."""
+    root = Path(folder)
+    h = hashlib.sha256()
+    _hash_files(h, root, [p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts])
+    return h.hexdigest()
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    """Content hash of a checkpoint folder plus every LOCAL folder its ``vlm_config.json`` references (an
+    untrained LLM or tower is loaded from there, so it is part of the model)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    h = hashlib.sha256(folder_hash(path).encode() if path.is_dir() else path.read_bytes())
+    meta = path / "vlm_config.json"
+    if meta.is_file():
+        model = json.loads(meta.read_text()).get("model", {})
+        refs = [model.get(s, {}).get(k) for s, k in (("tower", "name_or_path"), ("llm", "name_or_path"))]
+        for ref in refs:
+            if ref and Path(ref).is_dir():
+                h.update(folder_hash(ref).encode())
+    return h.hexdigest()
+
+
+def task_hash(yaml_path: str | Path) -> str:
+    """Hash of the task's folder of config files (YAML templates it may ``include``, utils.py, local data)."""
+    folder = Path(yaml_path).parent
+    h = hashlib.sha256()
+    _hash_files(h, folder, [p for p in folder.iterdir() if p.is_file()])
+    return h.hexdigest()
+
+
+def result_key(ckpt_hash: str, tsk_hash: str, lmms_version: str, cfg: SweepConfig) -> str:
+    parts = {"checkpoint": ckpt_hash, "task": tsk_hash, "lmms_eval": lmms_version, "gen_kwargs": cfg.gen_kwargs,
+             "batch_size": cfg.batch_size, "limit": cfg.limit, "model": cfg.model, "model_args": cfg.model_args}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- tasks
+class _IgnoreTags(yaml.SafeLoader):
+    pass
+
+
+_IgnoreTags.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def local_task_index(include_path: str | Path | None) -> dict[str, Path]:
+    """Task name -> YAML for the tasks defined under ``include_path`` (recursively)."""
+    if include_path is None:
+        return {}
+    root = Path(include_path)
+    if not root.is_dir():
+        raise UserError(f"include_path is not a folder: {root}")
+    index = {}
+    for y in sorted(root.rglob("*.yaml")):
+        data = yaml.load(y.read_text(), Loader=_IgnoreTags)
+        if isinstance(data, dict) and isinstance(data.get("task"), str):
+            index[data["task"]] = y
+    return index
+
+
+def lmms_task_index(include_path: str | Path | None) -> dict[str, Path]:
+    """lmms-eval's full task index (built-in + include_path): name -> YAML (groups/tags map to None-free paths)."""
+    from lmms_eval.tasks import TaskManager
+
+    tm = TaskManager(verbosity="ERROR", include_path=str(include_path) if include_path else None)
+    return {name: Path(entry["yaml_path"]) for name, entry in tm.task_index.items()
+            if entry.get("type") == "task" and isinstance(entry.get("yaml_path"), str)}
+
+
+def resolve_tasks(names: list[str], include_path: str | Path | None,
+                  full_index: Callable[[str | Path | None], dict[str, Path]] = lmms_task_index) -> dict[str, Path]:
+    """Every task name -> its YAML, or UserError naming the unknown ones with close matches."""
+    index = local_task_index(include_path)
+    if any(n not in index for n in names):
+        index = {**full_index(include_path), **index}
+    unknown = [n for n in names if n not in index]
+    if unknown:
+        hints = "; ".join(f"{n!r} (close: {', '.join(difflib.get_close_matches(n, index, n=5, cutoff=0.6)) or 'none'})"
+                          for n in unknown)
+        raise UserError(f"unknown lmms-eval task(s): {hints}")
+    return {n: index[n] for n in names}
+
+
+# ---------------------------------------------------------------- running
+Launcher = Callable[[Path, Path], int]  # (spec.json, log file) -> exit code
+
+
+def subprocess_launch(spec_path: Path, log_path: Path) -> int:
+    """Run one (model, task) in a fresh Python process; its output goes to ``log_path``."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    with open(log_path, "w") as logf:
+        return subprocess.run([sys.executable, "-m", "benchmarks.worker", "--spec", str(spec_path)],
+                              stdout=logf, stderr=subprocess.STDOUT, env=env).returncode
+
+
+@dataclass
+class PairOutcome:
+    model: str
+    task: str
+    key: str
+    status: str  # done | skipped | failed
+    result_dir: str
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class SweepSummary:
+    outcomes: list[PairOutcome] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+
+def plan_pairs(cfg: SweepConfig, tasks: dict[str, Path]) -> list[tuple[str, str, str, Path]]:
+    """(model label, task, key, result dir) for every pair, in model-major order."""
+    lmms_version = version("lmms_eval")
+    task_hashes = {t: task_hash(p) for t, p in tasks.items()}
+    pairs = []
+    for label, ckpt in cfg.models.items():
+        c_hash = checkpoint_hash(ckpt)
+        for t in cfg.tasks:
+            key = result_key(c_hash, task_hashes[t], lmms_version, cfg)
+            pairs.append((label, t, key, Path(cfg.output_dir) / "results" / label / t / key))
+    return pairs
+
+
+def run_sweep(cfg: SweepConfig, launch: Launcher = subprocess_launch,
+              full_index: Callable[[str | Path | None], dict[str, Path]] = lmms_task_index) -> SweepSummary:
+    """Evaluate every missing (model, task) pair; returns (and writes to ``sweep.json``) what happened to each."""
+    cfg.validate()
+    tasks = resolve_tasks(cfg.tasks, cfg.include_path, full_index)  # before anything runs
+    out = Path(cfg.output_dir)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    pairs = plan_pairs(cfg, tasks)
+    summary = SweepSummary()
+    for i, (label, task, key, rdir) in enumerate(pairs, 1):
+        where = f"[{i}/{len(pairs)}] {label} × {task}"
+        if (rdir / RESULT_FILE).is_file():
+            log.info("%s: skipped (result %s exists)", where, key)
+            summary.outcomes.append(PairOutcome(label, task, key, "skipped", str(rdir)))
+            continue
+        spec = {"model": cfg.model, "task": task, "key": key, "out": str(rdir.resolve()),
+                "model_args": ",".join(a for a in (f"pretrained={Path(cfg.models[label]).resolve()}",
+                                                   cfg.model_args) if a),
+                "include_path": str(Path(cfg.include_path).resolve()) if cfg.include_path else None,
+                "batch_size": cfg.batch_size, "limit": cfg.limit, "gen_kwargs": cfg.gen_kwargs, "device": cfg.device,
+                "use_cache": str((out / "response_cache").resolve()) if cfg.use_cache else None}
+        spec_path = out / "logs" / f"{label}__{task}__{key}.spec.json"
+        spec_path.write_text(json.dumps(spec, indent=1))
+        log.info("%s: running", where)
+        start = time.perf_counter()
+        rc = launch(spec_path, spec_path.with_suffix("").with_suffix(".log"))
+        seconds = time.perf_counter() - start
+        if rc == 0 and (rdir / RESULT_FILE).is_file():
+            log.info("%s: done in %.1fs", where, seconds)
+            summary.outcomes.append(PairOutcome(label, task, key, "done", str(rdir), seconds=seconds))
+        else:
+            err_file = rdir.parent / f"{key}.error.json"
+            error = (json.loads(err_file.read_text())["error"] if err_file.is_file()
+                     else f"worker exited with code {rc}; see {spec_path.with_suffix('').with_suffix('.log')}")
+            log.error("%s: FAILED (%s)", where, error)
+            summary.outcomes.append(PairOutcome(label, task, key, "failed", str(rdir), error, seconds))
+    (out / SUMMARY_FILE).write_text(json.dumps({"config": _config_dict(cfg),
+                                                "pairs": [o.__dict__ for o in summary.outcomes]}, indent=1))
+    log.info("sweep: %d done, %d skipped, %d failed -> %s", summary.count("done"), summary.count("skipped"),
+             summary.count("failed"), out / SUMMARY_FILE)
+    return summary
+
+
+def _config_dict(cfg: SweepConfig) -> dict[str, Any]:
+    from vilex.config import to_dict
+
+    return json.loads(json.dumps(to_dict(cfg), default=str))

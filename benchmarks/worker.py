@@ -1,0 +1,77 @@
+"""benchmarks/worker.py — evaluate ONE (model, task) with lmms-eval and write its result folder; the sweep's subprocess.
+
+    python -m benchmarks.worker --spec SPEC.json
+
+SPEC holds model, model_args, task, include_path, gen_kwargs, batch_size, limit, use_cache, out. The worker calls
+``lmms_eval.evaluator.simple_evaluate`` in-process (the same code path as the ``lmms-eval`` CLI) with
+``log_samples=True`` and writes, atomically, ``out/result.json`` (metrics, task config, versions, n-samples) and
+``out/samples.jsonl`` (one line per doc: doc_id, target, resps, filtered_resps and the per-doc metrics). A failure
+writes ``out/error.json`` instead and exits 1; the sweep records it and goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from vilex.checkpoint import atomic_dir
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def evaluate_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run lmms-eval for one task; returns {"metrics", "config", "n_samples", "samples", "versions"}."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    tm = TaskManager(verbosity="WARNING", include_path=spec.get("include_path") or None)
+    out = simple_evaluate(model=spec["model"], model_args=spec["model_args"], tasks=[spec["task"]],
+                          batch_size=spec.get("batch_size", 1), device=spec.get("device", "cpu"),
+                          limit=spec.get("limit"), log_samples=True, task_manager=tm,
+                          gen_kwargs=spec.get("gen_kwargs") or None, use_cache=spec.get("use_cache"),
+                          verbosity="WARNING", bootstrap_iters=0)
+    task = spec["task"]
+    return {"metrics": out["results"][task], "config": out.get("configs", {}).get(task),
+            "n_samples": out.get("n-samples", {}).get(task), "versions": out.get("versions", {}).get(task),
+            "samples": out.get("samples", {}).get(task, [])}
+
+
+def write_result(out_dir: Path, spec: dict[str, Any], result: dict[str, Any], seconds: float) -> None:
+    with atomic_dir(out_dir) as tmp:
+        tmp = Path(tmp)
+        samples = result.pop("samples")
+        (tmp / "samples.jsonl").write_text("".join(json.dumps(_jsonable(s), sort_keys=True) + "\n"
+                                                  for s in samples))
+        (tmp / "result.json").write_text(json.dumps(_jsonable({**result, "spec": spec, "seconds": seconds}),
+                                                    indent=1, sort_keys=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.worker")
+    p.add_argument("--spec", required=True, type=Path)
+    args = p.parse_args(argv)
+    spec = json.loads(args.spec.read_text())
+    out_dir = Path(spec["out"])
+    start = time.perf_counter()
+    try:
+        result = evaluate_one(spec)
+    except Exception as e:  # any failure of this one task is recorded, the sweep goes on
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        err = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(), "spec": spec}
+        (out_dir.parent / f"{out_dir.name}.error.json").write_text(json.dumps(err, indent=1))
+        print(f"error: {spec['task']}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    write_result(out_dir, spec, result, time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
