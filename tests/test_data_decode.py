@@ -167,3 +167,21 @@ def test_one_image_two_resolutions():
     decoder = render_view(image, ViewConfig(size=8, fit="letterbox"))
     assert encoder.shape == (3, 16, 16) and decoder.shape == (3, 8, 8)
     assert torch.all(decoder[:, :1] == -1)  # 32x24 letterboxed to 8x6: one black pad row top (-1 in [-1, 1])
+
+
+def test_truncated_stays_a_skip_even_if_another_library_allows_truncated_images(monkeypatch):
+    """lmms-eval sets PIL's global LOAD_TRUNCATED_IMAGES = True at import; our decoder must not follow it."""
+    import io
+
+    from PIL import Image, ImageFile
+
+    from vilex.data.decode import BadSample, decode_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buf, "PNG")
+    truncated = buf.getvalue()[: len(buf.getvalue()) // 2]
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(BadSample) as ei:
+        decode_image(truncated)
+    assert ei.value.reason == "truncated"
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the global is left as the other library set it

@@ -30,7 +30,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 8192 * 8192  # below PIL's own default (89.5 M) so ours is the limit that fires
 DEFAULT_MIN_SIDE = 8
@@ -120,6 +120,11 @@ def _open_header(data: bytes) -> Image.Image:
 
 
 def _load_pixels(im: Image.Image) -> None:
+    # Some libraries flip PIL's process-global ``ImageFile.LOAD_TRUNCATED_IMAGES`` on at import time
+    # (lmms-eval's task module does), after which a truncated file decodes with grey padding and no error.
+    # A truncated image must stay a counted skip whatever else is imported, so force the strict mode here.
+    strict = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -128,6 +133,8 @@ def _load_pixels(im: Image.Image) -> None:
         raise
     except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, EOFError...
         raise _decoder_failure(e) from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = strict
 
 
 def _decoder_failure(error: Exception, prefix: str = "") -> BadSample:
