@@ -210,6 +210,7 @@ def test_pretrain_decoder_resume_continues_from_the_saved_step(tmp_path, toy_tok
     recipe = read_recipe(tmp_path / "resumed")
     assert recipe["metrics"]["resumed_from_step"] == 2 and recipe["metrics"]["steps_done"] == 4
     assert recipe["metrics"]["gate"].startswith("disabled")
+    assert [(h["from_step"], h["to_step"]) for h in recipe["metrics"]["run_history"]] == [(0, 4), (2, 4)]
     logged = [json.loads(line)["step"] for line in (tmp_path / "work" / "train_log.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4]  # the rows after step 2 were replaced, not duplicated
     a = load_file(str(tmp_path / "straight" / "unet" / "diffusion_pytorch_model.safetensors"))

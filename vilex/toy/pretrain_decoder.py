@@ -434,6 +434,9 @@ def pretrain_decoder(cfg: DecoderPretrainConfig, out: str | Path, resume: str | 
                 stopped_early = True
                 break
     train_minutes = (time.time() - started) / 60
+    history = _record_segment(work / "run_history.json", {
+        "from_step": start_step, "to_step": step, "steps_planned": spec.steps, "minutes": round(train_minutes, 2),
+        "stopped_early": stopped_early, "train": to_dict(cfg.train)})
 
     # The shipped weights are the EMA weights: copy them in for the gate and the save.
     with torch.no_grad():
@@ -444,7 +447,9 @@ def pretrain_decoder(cfg: DecoderPretrainConfig, out: str | Path, resume: str | 
     metrics: dict[str, Any] = {"steps_done": step, "steps_planned": spec.steps, "stopped_early": stopped_early,
                                "resumed_from_step": start_step if resume_from is not None else None,
                                "parameters": n_params, "train_minutes_this_run": round(train_minutes, 2),
-                               "loss_curve": summarize_loss_log(log_path)}
+                               "loss_curve": summarize_loss_log(log_path),
+                               "train_minutes_all_runs": round(sum(h["minutes"] for h in history), 2),
+                               "run_history": history}
     sheet = None
     if cfg.gate.enabled:
         metrics["gate"], sheet = decoder_quality_gate(unet, text_encoder, tokenizer, noise_scheduler,
@@ -462,6 +467,17 @@ def pretrain_decoder(cfg: DecoderPretrainConfig, out: str | Path, resume: str | 
             sheet.save(tmp / "samples.png", format="PNG", optimize=True)
         write_recipe(tmp, "decoder", to_dict(cfg), cfg.seed, time.time() - started, metrics)
     return metrics
+
+
+def _record_segment(path: Path, segment: dict[str, Any]) -> list[dict[str, Any]]:
+    """Append this invocation to the work dir's run history (segments a resumed run was made of); return it all.
+
+    Segments that a later resume replayed (from_step >= this segment's start) are dropped: their steps were redone.
+    """
+    history = json.loads(path.read_text()) if path.is_file() else []
+    history = [h for h in history if h["from_step"] < segment["from_step"]] + [segment]
+    path.write_text(json.dumps(history, indent=2, default=str) + "\n")
+    return history
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
