@@ -131,8 +131,11 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=512, help="toy scenes to generate (default 512)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--size", type=int, default=32, help="toy image side in pixels (default 32)")
-    p.add_argument("--short-steps", type=int, default=150, help="steps of the short stage-1 ViLex run (default 150)")
-    p.add_argument("--eval-scenes", type=int, default=32, help="held-out scenes per measurement (default 32)")
+    p.add_argument("--short-steps", type=int, default=120,
+                   help="steps of the short stage-1 ViLex run (default 120; 0 = skip it)")
+    p.add_argument("--short-batch", type=int, default=16, help="batch of the short stage-1 run (default 16)")
+    p.add_argument("--eval-scenes", type=int, default=32,
+                   help="held-out scenes per stage-1 measurement (default 32; 0 = skip the shipped-run section)")
 
 
 @command("demo", help="run the demo on the toy world and write OUT/report.md")(_configure)

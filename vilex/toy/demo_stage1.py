@@ -90,6 +90,9 @@ def step_short_run(ctx: DemoContext) -> None:
     from vilex.train.config import PretrainConfig
     from vilex.train.loop import pretrain
 
+    if ctx.options.short_steps == 0:
+        ctx.add_section("## Stage 1: short ViLex run\n\nSkipped (`--short-steps 0`).")
+        return
     missing = _missing_assets()
     if missing:
         ctx.add_section("## Stage 1: short ViLex run\n\nSkipped: the toy assets " + ", ".join(missing) +
@@ -103,6 +106,7 @@ def step_short_run(ctx: DemoContext) -> None:
         f"model.vit.name_or_path={ASSETS / 'siglip' / 'vision'}", f"model.decoder.name_or_path={ASSETS / 'decoder'}",
         f"data.train.path={data / 'train'}", f"data.val.path={data / 'val'}", f"train.output_dir={out}",
         f"train.max_steps={steps}", f"train.checkpoint_every={steps}", f"train.log_every={max(1, steps // 10)}",
+        f"train.micro_batch_size={ctx.options.short_batch}",
         f"train.optim.warmup_steps={min(50, steps // 5)}", f"val.every={steps}", f"train.seed={ctx.options.seed}",
     ])
     summary = pretrain(cfg, resume="auto")
@@ -114,14 +118,18 @@ def step_short_run(ctx: DemoContext) -> None:
                     f"with the demo data, {steps} steps of batch {cfg.train.micro_batch_size}: training loss "
                     f"{first:.4f} (first {k} steps) -> {last:.4f} (last {k}). Validation grid: "
                     f"`{out / 'val'}`.")
-    evaluate_checkpoint(ctx, ckpt, "short_run", f"Stage 1 short run: measurements ({steps} steps)",
-                        ctx.options.eval_scenes)
+    if ctx.options.eval_scenes:
+        evaluate_checkpoint(ctx, ckpt, "short_run", f"Stage 1 short run: measurements ({steps} steps)",
+                            ctx.options.eval_scenes)
 
 
 @demo_step("stage 1 shipped run")
 def step_shipped_run(ctx: DemoContext) -> None:
     """The claims measured on the fully trained toy ViLex shipped in assets/toy/vilex."""
     shipped = ASSETS / "vilex"
+    if ctx.options.eval_scenes == 0:
+        ctx.add_section("## Stage 1: shipped full toy run\n\nSkipped (`--eval-scenes 0`).")
+        return
     if _missing_assets() or not (shipped / "vilex_config.json").is_file():
         ctx.add_section("## Stage 1: shipped full toy run\n\nNot available: assets/toy/vilex is not shipped in this "
                         "checkout (train it with `vilex pretrain --config configs/vilex/toy.yaml`; "
