@@ -28,7 +28,7 @@ ASSETS = Path(os.environ.get("VILEX_TOY_ASSETS", REPO / "assets" / "toy"))
 TOY_CONFIG = REPO / "configs" / "vilex" / "toy.yaml"
 
 
-def labelled_grid(columns: list[torch.Tensor], titles: list[str], rows: int = 8, scale: int = 3) -> "Image.Image":
+def labelled_grid(columns: list[torch.Tensor], titles: list[str], rows: int = 8, scale: int = 3):
     """Columns of (N,3,H,W) images in [0,1] -> one PIL grid (nearest-upscaled) with a title row."""
     from PIL import Image, ImageDraw
 
