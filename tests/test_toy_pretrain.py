@@ -161,7 +161,8 @@ def test_pretrain_decoder_writes_a_pixel_unet_folder_that_vilex_loads(tmp_path, 
     from vilex.toy.pretrain_decoder import encode_prompts
 
     out = tmp_path / "decoder"
-    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, out, "--set", "train.steps=3") == 0
+    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, out, "--set", "train.steps=3",
+                        "--set", "train.device=auto") == 0
     assert sorted(p.name for p in out.iterdir()) == ["model_index.json", "recipe.json", "samples.png", "scheduler",
                                                       "text_encoder", "tokenizer", "train_log.jsonl", "unet"]
     unet = UNet2DConditionModel.from_pretrained(str(out / "unet"))
@@ -224,6 +225,12 @@ def test_pretrain_decoder_without_a_probe_fails_in_one_line(tmp_path, toy_tokeni
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: gate.probe: attribute probe not found: ")
     assert not (tmp_path / "decoder").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_pretrain_decoder_on_a_missing_cuda_device_fails_in_one_line(tmp_path, toy_tokenizer, tiny_probe, capsys):
+    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, tmp_path / "d", "--set", "train.device=cuda") == 2
+    assert capsys.readouterr().err.strip() == "error: train.device=cuda: no CUDA device is available here"
 
 
 # ----------------------------------------------------------------------------- siglip

@@ -120,6 +120,8 @@ class DecoderTrainSpec:
     fine_caption_prob: float = cfg_field(0.5, ge=0, le=1, help="share of fine captions (the rest coarse)")
     bf16: bool = cfg_field(True, help="bf16 autocast for forward/backward (weights and optimizer stay fp32)")
     threads: int = cfg_field(2, ge=1, help="torch intra-op threads")
+    device: str = cfg_field("cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available); data and noise "
+                                        "are drawn on the CPU either way, so a run is the same data on any device")
     num_workers: int = cfg_field(1, ge=0, help="DataLoader workers rendering scenes (0 = in this process)")
     log_every: int = cfg_field(25, ge=1)
     checkpoint_every: int = cfg_field(250, ge=1)
@@ -178,6 +180,19 @@ def build_unet(spec: UNetSpec, image_size: int, cross_attention_dim: int) -> nn.
         attention_head_dim=spec.attention_head_dim, norm_num_groups=spec.norm_num_groups)
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; an unavailable cuda device is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"train.device: not a torch device: {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"train.device={name}: no CUDA device is available here")
+    return device
+
+
 def build_noise_scheduler(spec: NoiseSpec) -> Any:
     from diffusers import DDPMScheduler
 
@@ -191,7 +206,7 @@ def encode_prompts(tokenizer: Any, text_encoder: nn.Module, prompts: Sequence[st
                     truncation=False, return_tensors="pt").input_ids
     if ids.shape[1] > tokenizer.model_max_length:
         raise UserError(f"a prompt has {ids.shape[1]} tokens; the text context holds {tokenizer.model_max_length}")
-    return text_encoder(input_ids=ids).last_hidden_state
+    return text_encoder(input_ids=ids.to(text_encoder.device)).last_hidden_state
 
 
 def diffusion_target(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -205,7 +220,7 @@ def diffusion_target(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: t
 def sample_images(unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, noise_scheduler: Any,
                   prompts: Sequence[str], steps: int = 25, guidance_scale: float = 3.0, seed: int = 0,
                   batch_size: int = 64) -> torch.Tensor:
-    """DDIM samples (B, 3, H, W) in [-1, 1] for ``prompts`` with classifier-free guidance (empty prompt)."""
+    """DDIM samples (B, 3, H, W) in [-1, 1], on the CPU, for ``prompts`` with classifier-free guidance."""
     from diffusers import DDIMScheduler
 
     size = int(unet.config.sample_size)
@@ -219,11 +234,11 @@ def sample_images(unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, nois
         context = torch.cat([uncond_one.expand(len(chunk), -1, -1), cond])
         ddim = DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing="trailing")
         ddim.set_timesteps(steps)
-        x = noise[i:i + len(chunk)]
+        x = noise[i:i + len(chunk)].to(unet.device)
         for t in ddim.timesteps:
             pred_uncond, pred_cond = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
             x = ddim.step(pred_uncond + guidance_scale * (pred_cond - pred_uncond), t, x).prev_sample
-        out.append(x.clamp(-1.0, 1.0))
+        out.append(x.clamp(-1.0, 1.0).cpu())
     return torch.cat(out)
 
 
@@ -332,12 +347,14 @@ def _save_training_state(folder: Path, parts: _Parts, ema: Any, opt: Any, lr_sch
     torch.save({"optimizer": opt.state_dict(), "lr_scheduler": lr_sched.state_dict()}, folder / "optimizer.pt")
 
 
-def _load_training_state(folder: Path, parts: _Parts, ema: Any, opt: Any, lr_sched: Any) -> int:
+def _load_training_state(folder: Path, parts: _Parts, ema: Any, opt: Any, lr_sched: Any,
+                         device: torch.device) -> int:
     tensors, meta = load_tensors(folder)
     parts.load_state_dict(tensors)
     shadow, _ = load_tensors(folder, weights_name="ema.safetensors")
     ema.load_state_dict({"decay": ema.decay, "num_updates": meta["ema_num_updates"], "shadow": shadow})
-    state = torch.load(folder / "optimizer.pt", weights_only=True)
+    ema.shadow = {name: value.to(device) for name, value in ema.shadow.items()}
+    state = torch.load(folder / "optimizer.pt", weights_only=True, map_location=device)
     opt.load_state_dict(state["optimizer"])
     lr_sched.load_state_dict(state["lr_scheduler"])
     return int(meta["step"])
@@ -364,6 +381,7 @@ def pretrain_decoder(cfg: DecoderPretrainConfig, out: str | Path, resume: str | 
     if cfg.gate.enabled and not (Path(cfg.gate.probe) / "config.json").is_file():
         raise UserError(f"gate.probe: attribute probe not found: {cfg.gate.probe} (train it with `vilex toy "
                         f"train-probe`, or --set gate.enabled=false)")
+    device = resolve_device(cfg.train.device)
     torch.set_num_threads(cfg.train.threads)
     started = time.time()
     spec = cfg.train
@@ -371,7 +389,7 @@ def pretrain_decoder(cfg: DecoderPretrainConfig, out: str | Path, resume: str | 
     torch.manual_seed(cfg.seed)
     text_encoder = build_text_encoder(cfg.text_encoder, tokenizer)
     unet = build_unet(cfg.unet, cfg.image_size, cfg.text_encoder.width)
-    parts = _Parts(unet, text_encoder)
+    parts = _Parts(unet, text_encoder).to(device)
     noise_scheduler = build_noise_scheduler(cfg.noise)
     opt = torch.optim.AdamW(parts.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
@@ -384,12 +402,12 @@ def pretrain_decoder(cfg: DecoderPretrainConfig, out: str | Path, resume: str | 
     start_step = 0
     resume_from = ckpts.resolve(resume)
     if resume_from is not None:
-        start_step = _load_training_state(resume_from, parts, ema, opt, lr_sched)
+        start_step = _load_training_state(resume_from, parts, ema, opt, lr_sched, device)
         log.info("resumed from %s at step %d", resume_from, start_step)
     n_params = {"unet": sum(p.numel() for p in unet.parameters()),
                 "text_encoder": sum(p.numel() for p in text_encoder.parameters())}
-    log.info("decoder: unet %.2fM params, text encoder %.2fM params; steps %d..%d, batch %d",
-             n_params["unet"] / 1e6, n_params["text_encoder"] / 1e6, start_step, spec.steps, spec.batch_size)
+    log.info("decoder: unet %.2fM params, text encoder %.2fM params; steps %d..%d, batch %d, on %s",
+             n_params["unet"] / 1e6, n_params["text_encoder"] / 1e6, start_step, spec.steps, spec.batch_size, device)
 
     log_path = work / "train_log.jsonl"
     _truncate_log(log_path, start_step)
@@ -403,8 +421,9 @@ def pretrain_decoder(cfg: DecoderPretrainConfig, out: str | Path, resume: str | 
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step_index)
             noise = torch.randn(x0.shape, generator=gen)
             t = torch.randint(0, cfg.noise.num_train_timesteps, (x0.shape[0],), generator=gen)
+            x0, noise, t = x0.to(device), noise.to(device), t.to(device)
             x_t = noise_scheduler.add_noise(x0, noise, t)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.bf16):
                 cond = encode_prompts(tokenizer, text_encoder, prompts)
                 pred = unet(x_t, t, encoder_hidden_states=cond).sample
             loss = F.mse_loss(pred.float(), diffusion_target(noise_scheduler, x0, noise, t))
