@@ -21,3 +21,15 @@ def _seed_torch():
         return
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on 1 intra-op thread for a module (use: ``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    on 2 shared cores more threads only oversubscribe them."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,13 +13,7 @@ from vlm.projector import PROJECTORS, build_projectors, load_projectors, save_pr
 from vlm.tiny import build_tiny_llm, build_tiny_world
 from vlm.towers import build_tower
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # 2 shared cores: more threads only oversubscribe them
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,7 @@ from vlm.packing import Collator, first_fit_decreasing, pack_rows
 from vlm.templates import IGNORE, build_template
 from vlm.tiny import build_tiny_world
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # 2 shared cores: more threads only oversubscribe them
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_first_fit_decreasing():

@@ -14,15 +14,9 @@ from vlm.projector import load_projectors
 from vlm.tiny import build_tiny_world
 from vlm.train import train_vlm
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = REPO / "configs" / "vlm" / "tiny.yaml"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # 2 shared cores: more threads only oversubscribe them
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

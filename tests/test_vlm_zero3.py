@@ -15,15 +15,9 @@ from vlm.sampler import MicroBatchPlan
 from vlm.templates import build_template
 from vlm.tiny import build_tiny_world
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = REPO / "configs" / "vlm" / "tiny.yaml"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # 2 shared cores: more threads only oversubscribe them
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _expected_first_loss(cfg, pretrained) -> float:

@@ -26,13 +26,10 @@ def load_eval_images(data: str | Path, size: int, caption_field: str, limit: int
                      ) -> tuple[torch.Tensor, list[str], list[str]]:
     """The first ``limit`` decodable images (N,3,S,S) in [0,1], their captions and keys."""
     from vilex.config import from_dict
-    from vilex.data import ImageLoader, build_source
-    from vilex.data.config import DataConfig, ViewConfig
+    from vilex.data import first_images
+    from vilex.data.config import DataConfig
 
-    cfg = from_dict(DataConfig, {"type": source_type, "path": str(data)})
-    view = ViewConfig(size=size, mean=(0, 0, 0), std=(1, 1, 1))
-    loader = ImageLoader(build_source(cfg), views={"image": view}, batch_size=limit, shuffle=False, epochs=1)
-    batch = next(iter(loader))
+    batch = first_images(from_dict(DataConfig, {"type": source_type, "path": str(data)}), size, limit)
     captions = []
     for key, meta in zip(batch.keys, batch.meta):
         if caption_field not in meta:

@@ -35,6 +35,7 @@ _LAZY = {
     "ImageLoader": "vilex.data.loader",
     "Batch": "vilex.data.loader",
     "build_loader": "vilex.data.loader",
+    "first_images": "vilex.data.loader",
     "epoch_permutation": "vilex.data.loader",
     "render_view": "vilex.data.views",
     "fit_image": "vilex.data.views",
@@ -53,5 +54,5 @@ __all__ = [
     "ImageSource", "MapImageSource", "RawSample", "ShardedImageSource", "SkipCounter", "TarShardSource",
     "ViewConfig", "build_source", "decode_image", "decode_image_with_info", "inspect_source",
     # loaded lazily (torch):
-    "Batch", "ImageLoader", "build_loader", "epoch_permutation", "fit_image", "render_view", "to_tensor",
+    "Batch", "ImageLoader", "build_loader", "epoch_permutation", "first_images", "fit_image", "render_view", "to_tensor",
 ]

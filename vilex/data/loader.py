@@ -300,3 +300,15 @@ def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1) -> Imag
         max_pixels=cfg.max_pixels,
         min_side=cfg.min_side,
     )
+
+
+def first_images(source_cfg: DataConfig, size: int, n: int, fit: str = "crop") -> Batch:
+    """The first ``n`` decodable samples of a source in file order, one view ``"image"`` (N,3,S,S) in [0, 1].
+
+    The fixed image sets of validation grids and reconstruction evaluation.
+    """
+    view = ViewConfig(size=size, fit=fit, mean=(0, 0, 0), std=(1, 1, 1))
+    loader = ImageLoader(build_source(source_cfg), views={"image": view}, batch_size=n, shuffle=False, epochs=1,
+                         drop_last=False)
+    return next(iter(loader))
+

@@ -9,17 +9,15 @@ from pathlib import Path
 
 import torch
 
-from vilex.data import ImageLoader, build_source
+from vilex.data import first_images
 from vilex.data.config import ViewConfig
 
 
 def validation_images(cfg, size: int) -> torch.Tensor:
     """The first ``val.num_images`` decodable images of the val source (or train), (N,3,S,S) in [0,1]."""
     source_cfg = cfg.data.val or cfg.data.train
-    view = ViewConfig(size=size, fit=source_cfg.views.get("decoder", ViewConfig()).fit, mean=(0, 0, 0), std=(1, 1, 1))
-    loader = ImageLoader(build_source(source_cfg), views={"image": view}, batch_size=cfg.val.num_images,
-                         shuffle=False, epochs=1, drop_last=False)
-    return next(iter(loader)).images["image"]
+    fit = source_cfg.views.get("decoder", ViewConfig()).fit
+    return first_images(source_cfg, size, cfg.val.num_images, fit).images["image"]
 
 
 def make_grid(columns: list[torch.Tensor], pad: int = 2) -> torch.Tensor:
