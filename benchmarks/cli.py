@@ -1,6 +1,8 @@
 """benchmarks/cli.py — the ``vilex eval`` command.
 
     vilex eval --config configs/benchmarks/toy.yaml [--set k=v]   run (or resume) a models × tasks sweep
+    vilex eval --config SWEEP.yaml --cache DIR                     ... on prepared task copies, offline
+    vilex eval prepare --suite SWEEP.yaml --cache DIR [--force]    save every task's data (needs network)
     vilex eval report RUN_DIR [--baseline LABEL]                  results.csv, results.md, results.png
     vilex eval toy-tasks --split DIR/test --out TASKS_DIR          materialise the toy suite for --include_path
 
@@ -19,7 +21,16 @@ from vilex.errors import UserError
 
 def _configure(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
+    p.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                   help="run the task copies `vilex eval prepare` wrote to DIR, offline (sets prepared_cache)")
     actions = p.add_subparsers(dest="eval_action", metavar="ACTION")
+    prep = actions.add_parser("prepare", help="materialise each task's data (save_to_disk) + load_from_disk task "
+                                             "YAMLs under DIR/tasks, for offline sweeps")
+    prep.add_argument("--suite", required=True, help="a sweep YAML (its tasks and include_path)")
+    prep.add_argument("--cache", type=Path, required=True, metavar="DIR")
+    prep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a suite value (repeatable)")
+    prep.add_argument("--force", action="store_true", help="re-download data already saved under DIR")
     rep = actions.add_parser("report", help="tables and a plot from a sweep's output_dir")
     rep.add_argument("run_dir", type=Path)
     rep.add_argument("--baseline", default=None, help="model label for the delta columns (default: the sweep's)")
@@ -44,11 +55,22 @@ def _run(args: argparse.Namespace) -> int:
         manifest = materialize_toy_tasks(args.split, args.out, max_per_task=args.max_per_task)
         print(json.dumps({name: t["n_docs"] for name, t in manifest["tasks"].items()}))
         return 0
+    if args.eval_action == "prepare":
+        from benchmarks.prepare import prepare_suite
+        from benchmarks.sweep import SweepConfig
+        from vilex.config import load_config
+
+        index = prepare_suite(load_config(SweepConfig, args.suite, args.overrides), args.cache, force=args.force)
+        print(json.dumps({name: t["status"] for name, t in index["tasks"].items()}))
+        return 0
     if not args.config:
-        raise UserError("vilex eval: give --config SWEEP.yaml, or an action (report, toy-tasks)")
+        raise UserError("vilex eval: give --config SWEEP.yaml, or an action (report, toy-tasks, prepare)")
     from benchmarks.sweep import SweepConfig, run_sweep
     from vilex.config import load_config
 
-    summary = run_sweep(load_config(SweepConfig, args.config, args.overrides))
+    cfg = load_config(SweepConfig, args.config, args.overrides)
+    if args.cache is not None:
+        cfg.prepared_cache = args.cache
+    summary = run_sweep(cfg)
     print(json.dumps({s: summary.count(s) for s in ("done", "skipped", "failed")}))
     return 1 if summary.count("failed") else 0

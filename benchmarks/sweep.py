@@ -12,7 +12,13 @@ summary (``sweep.json``) lists every pair as done / skipped / failed. Task names
 a typo fails listing close names.
 
 Task resolution is two-tier for speed: names defined by YAMLs under ``include_path`` resolve by reading those
-files; only other names pay for lmms-eval's full task index (~15 s).
+files; only other names pay for lmms-eval's full task index (~15 s). lmms-eval indexes its built-in tasks BEFORE
+``include_path`` (a local YAML named like a built-in task would be silently shadowed), so the worker loads a local
+task with ``include_defaults=False``: the YAML that was hashed is the YAML that runs.
+
+``prepared_cache`` (``--cache DIR``) points at a folder written by ``vilex eval prepare`` (benchmarks/prepare.py):
+tasks then resolve only from ``DIR/tasks`` (``load_from_disk`` copies) and the workers run with
+``HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1`` — no network at all.
 """
 from __future__ import annotations
 
@@ -48,6 +54,8 @@ class SweepConfig:
     tasks: list[str] = cfg_field(default_factory=list, help="lmms-eval task names")
     output_dir: Path = cfg_field(Path("runs/bench/sweep"), help="results, logs and sweep.json go here")
     include_path: Path | None = cfg_field(None, help="folder of extra task YAMLs (lmms-eval --include_path)")
+    prepared_cache: Path | None = cfg_field(None, help="folder written by `vilex eval prepare`: run its load_from_disk "
+                                                       "task copies, offline (replaces include_path)")
     model: str = cfg_field("vilex_vlm", help="lmms-eval model name")
     model_args: str = cfg_field("", help="extra model_args appended after pretrained=PATH")
     batch_size: int = cfg_field(1, ge=1, help="1 for final numbers (scores change with batch size)")
@@ -133,6 +141,8 @@ def local_task_index(include_path: str | Path | None) -> dict[str, Path]:
         raise UserError(f"include_path is not a folder: {root}")
     index = {}
     for y in sorted(root.rglob("*.yaml")):
+        if any(part.startswith(".") for part in y.relative_to(root).parts[:-1]):
+            continue  # half-written copies (.tmp-*) of an interrupted `vilex eval prepare`
         data = yaml.load(y.read_text(), Loader=_IgnoreTags)
         if isinstance(data, dict) and isinstance(data.get("task"), str):
             index[data["task"]] = y
@@ -169,6 +179,8 @@ Launcher = Callable[[Path, Path], int]  # (spec.json, log file) -> exit code
 def subprocess_launch(spec_path: Path, log_path: Path) -> int:
     """Run one (model, task) in a fresh Python process; its output goes to ``log_path``."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if json.loads(spec_path.read_text()).get("offline"):
+        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     with open(log_path, "w") as logf:
         return subprocess.run([sys.executable, "-m", "benchmarks.worker", "--spec", str(spec_path)],
                               stdout=logf, stderr=subprocess.STDOUT, env=env).returncode
@@ -206,25 +218,58 @@ def plan_pairs(cfg: SweepConfig, tasks: dict[str, Path]) -> list[tuple[str, str,
     return pairs
 
 
+def task_source(cfg: SweepConfig, full_index: Callable[[str | Path | None], dict[str, Path]] = lmms_task_index
+                ) -> tuple[Path | None, dict[str, Path], dict[str, Path]]:
+    """(include_path the workers get, task -> YAML, the local part of the index). With ``prepared_cache`` the tasks
+    must all be prepared copies; otherwise local YAMLs first, lmms-eval's index for the rest. Raises before anything
+    runs on an unknown or unprepared name."""
+    if cfg.prepared_cache is None:
+        return cfg.include_path, resolve_tasks(cfg.tasks, cfg.include_path, full_index), \
+            local_task_index(cfg.include_path)
+    root = Path(cfg.prepared_cache) / "tasks"
+    if not root.is_dir():
+        raise UserError(f"prepared_cache {cfg.prepared_cache}: no tasks/ folder (write it with `vilex eval prepare "
+                        f"--suite SWEEP.yaml --cache {cfg.prepared_cache}`)")
+    local = local_task_index(root)
+    missing = [t for t in cfg.tasks if t not in local]
+    if missing:
+        raise UserError(f"prepared_cache {cfg.prepared_cache}: task(s) {missing} not prepared (run `vilex eval "
+                        f"prepare --suite SWEEP.yaml --cache {cfg.prepared_cache}` where the network is reachable; "
+                        f"prepared: {sorted(local) or 'none'})")
+    return root, {t: local[t] for t in cfg.tasks}, local
+
+
+def _progress(cfg: SweepConfig, label: str, task: str) -> str:
+    """'model i/N LABEL · task j/M TASK' (position in the models × tasks grid)."""
+    models, tasks = list(cfg.models), list(cfg.tasks)
+    return (f"model {models.index(label) + 1}/{len(models)} {label} · "
+            f"task {tasks.index(task) + 1}/{len(tasks)} {task}")
+
+
 def run_sweep(cfg: SweepConfig, launch: Launcher = subprocess_launch,
               full_index: Callable[[str | Path | None], dict[str, Path]] = lmms_task_index) -> SweepSummary:
-    """Evaluate every missing (model, task) pair; returns (and writes to ``sweep.json``) what happened to each."""
+    """Evaluate every missing (model, task) pair; returns (and writes to ``sweep.json``) what happened to each.
+
+    Logs one line per pair: ``model i/N LABEL · task j/M TASK: skipped (cached) | running | done in Xs |
+    failed: ERROR`` and, after each finished pair, the sweep's elapsed time and pairs left."""
     cfg.validate()
-    tasks = resolve_tasks(cfg.tasks, cfg.include_path, full_index)  # before anything runs
+    include_path, tasks, local = task_source(cfg, full_index)  # before anything runs
     out = Path(cfg.output_dir)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     pairs = plan_pairs(cfg, tasks)
     summary = SweepSummary()
+    sweep_start = time.perf_counter()
     for i, (label, task, key, rdir) in enumerate(pairs, 1):
-        where = f"[{i}/{len(pairs)}] {label} × {task}"
+        where = _progress(cfg, label, task)
         if (rdir / RESULT_FILE).is_file():
-            log.info("%s: skipped (result %s exists)", where, key)
+            log.info("%s: skipped (cached, key %s)", where, key)
             summary.outcomes.append(PairOutcome(label, task, key, "skipped", str(rdir)))
             continue
         spec = {"model": cfg.model, "task": task, "key": key, "out": str(rdir.resolve()),
                 "model_args": ",".join(a for a in (f"pretrained={Path(cfg.models[label]).resolve()}",
                                                    cfg.model_args) if a),
-                "include_path": str(Path(cfg.include_path).resolve()) if cfg.include_path else None,
+                "include_path": str(Path(include_path).resolve()) if include_path else None,
+                "include_defaults": task not in local, "offline": cfg.prepared_cache is not None,
                 "batch_size": cfg.batch_size, "limit": cfg.limit, "gen_kwargs": cfg.gen_kwargs, "device": cfg.device,
                 "use_cache": str((out / "response_cache").resolve()) if cfg.use_cache else None}
         spec_path = out / "logs" / f"{label}__{task}__{key}.spec.json"
@@ -240,8 +285,10 @@ def run_sweep(cfg: SweepConfig, launch: Launcher = subprocess_launch,
             err_file = rdir.parent / f"{key}.error.json"
             error = (json.loads(err_file.read_text())["error"] if err_file.is_file()
                      else f"worker exited with code {rc}; see {spec_path.with_suffix('').with_suffix('.log')}")
-            log.error("%s: FAILED (%s)", where, error)
+            log.error("%s: failed: %s", where, error)
             summary.outcomes.append(PairOutcome(label, task, key, "failed", str(rdir), error, seconds))
+        log.info("sweep: pair %d/%d finished, %.0fs elapsed, %d left", i, len(pairs),
+                 time.perf_counter() - sweep_start, len(pairs) - i)
     (out / SUMMARY_FILE).write_text(json.dumps({"config": _config_dict(cfg),
                                                 "pairs": [o.__dict__ for o in summary.outcomes]}, indent=1))
     log.info("sweep: %d done, %d skipped, %d failed -> %s", summary.count("done"), summary.count("skipped"),

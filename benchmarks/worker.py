@@ -2,8 +2,8 @@
 
     python -m benchmarks.worker --spec SPEC.json
 
-SPEC holds model, model_args, task, include_path, gen_kwargs, batch_size, limit, use_cache, out. The worker calls
-``lmms_eval.evaluator.simple_evaluate`` in-process (the same code path as the ``lmms-eval`` CLI) with
+SPEC holds model, model_args, task, include_path, include_defaults, gen_kwargs, batch_size, limit, use_cache, out.
+The worker calls ``lmms_eval.evaluator.simple_evaluate`` in-process (the same code path as the ``lmms-eval`` CLI) with
 ``log_samples=True`` and writes, atomically, ``out/result.json`` (metrics, task config, versions, n-samples) and
 ``out/samples.jsonl`` (one line per doc: doc_id, target, resps, filtered_resps and the per-doc metrics). A failure
 writes ``out/error.json`` instead and exits 1; the sweep records it and goes on.
@@ -31,7 +31,10 @@ def evaluate_one(spec: dict[str, Any]) -> dict[str, Any]:
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
-    tm = TaskManager(verbosity="WARNING", include_path=spec.get("include_path") or None)
+    # a local task is loaded without lmms-eval's built-in index (which would shadow a local copy of a built-in
+    # name, and costs seconds to build); model_name as the lmms-eval CLI passes it (model-specific prompt kwargs)
+    tm = TaskManager(verbosity="WARNING", include_path=spec.get("include_path") or None,
+                     include_defaults=spec.get("include_defaults", True), model_name=spec["model"])
     out = simple_evaluate(model=spec["model"], model_args=spec["model_args"], tasks=[spec["task"]],
                           batch_size=spec.get("batch_size", 1), device=spec.get("device", "cpu"),
                           limit=spec.get("limit"), log_samples=True, task_manager=tm,

@@ -50,6 +50,20 @@ def setup(tmp_path):
     return SweepConfig(models=models, tasks=list(TASKS), include_path=tasks, output_dir=tmp_path / "run")
 
 
+def test_progress_line_per_model_and_task(setup, caplog):
+    caplog.set_level("INFO", logger="benchmarks.sweep")
+    run_sweep(setup, launch=FakeLauncher(fail_task="toy_b"), full_index=_no_full_index)
+    run_sweep(setup, launch=FakeLauncher(), full_index=_no_full_index)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("model ")]
+    assert [line.split(": ")[0] for line in lines if "running" not in line] == [
+        "model 1/2 m1 · task 1/2 toy_a", "model 1/2 m1 · task 2/2 toy_b", "model 2/2 m2 · task 1/2 toy_a",
+        "model 2/2 m2 · task 2/2 toy_b"] * 2
+    status = [line.split(": ", 1)[1] for line in lines if "running" not in line]
+    assert status[0].startswith("done in ") and status[0].endswith("s")
+    assert status[1] == "failed: ValueError: boom"
+    assert status[4].startswith("skipped (cached, key ") and status[5].startswith("done in ")
+
+
 def test_rerun_after_a_kill_recomputes_only_the_missing_pairs(setup):
     first = FakeLauncher()
     summary = run_sweep(setup, launch=first, full_index=_no_full_index)
