@@ -234,16 +234,23 @@ def test_pretrain_decoder_on_a_missing_cuda_device_fails_in_one_line(tmp_path, t
 
 
 # ----------------------------------------------------------------------------- siglip
-def test_pretrain_siglip_saves_the_model_and_its_vision_tower(tmp_path, toy_tokenizer):
+TINY_SIGLIP = ["--set", "train.steps=3", "--set", "train.batch_size=6", "--set", "train.num_workers=0",
+               "--set", "train.threads=1", "--set", "vision.width=32", "--set", "vision.layers=1",
+               "--set", "vision.image_size=16", "--set", "text.width=32", "--set", "text.layers=1",
+               "--set", "eval_scenes=12", "--set", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_siglip(tmp_path_factory, toy_tokenizer):
+    out = tmp_path_factory.mktemp("siglip") / "siglip"
+    assert main(["toy", "pretrain-siglip", "--out", str(out), "--set", f"tokenizer={toy_tokenizer}", *TINY_SIGLIP]) == 0
+    return out
+
+
+def test_pretrain_siglip_saves_the_model_and_its_vision_tower(tiny_siglip):
     from transformers import SiglipModel, SiglipVisionModel
 
-    out = tmp_path / "siglip"
-    code = main(["toy", "pretrain-siglip", "--out", str(out), "--set", f"tokenizer={toy_tokenizer}",
-                 "--set", "train.steps=3", "--set", "train.batch_size=6", "--set", "train.num_workers=0",
-                 "--set", "train.threads=1", "--set", "vision.width=32", "--set", "vision.layers=1",
-                 "--set", "vision.image_size=16", "--set", "text.width=32", "--set", "text.layers=1",
-                 "--set", "eval_scenes=12", "--set", "train.log_every=1"])
-    assert code == 0
+    out = tiny_siglip
     full = SiglipModel.from_pretrained(str(out))
     vision = SiglipVisionModel.from_pretrained(str(out / "vision"))
     assert vision.config.image_size == 16 and vision.config.patch_size == 4
@@ -257,6 +264,52 @@ def test_pretrain_siglip_saves_the_model_and_its_vision_tower(tmp_path, toy_toke
     assert vision(pixel_values=pixels).last_hidden_state.shape == (1, 16, 32)
 
 
+# ----------------------------------------------------------------------------- text encoder (LiT)
+def test_pretrained_frozen_text_encoder_is_what_the_decoder_ships(tmp_path, toy_tokenizer, tiny_siglip,
+                                                                  tiny_probe, capsys):
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    te = tmp_path / "text_encoder"
+    assert main(["toy", "pretrain-text-encoder", "--out", str(te), "--set", f"tokenizer={toy_tokenizer}",
+                 "--set", f"image_tower={tiny_siglip}", "--set", "text_encoder.width=32",
+                 "--set", "text_encoder.layers=1", "--set", "train.steps=3", "--set", "train.batch_size=6",
+                 "--set", "train.num_workers=0", "--set", "train.log_every=1", "--set", "eval_scenes=12"]) == 0
+    recipe = read_recipe(te)
+    assert recipe["metrics"]["steps_done"] == 3 and recipe["metrics"]["retrieval_heldout"]["fine_captions"]["n"] == 12
+    assert set(recipe["metrics"]["word_sensitivity"]["after_training"]) == {"background", "colour", "shape", "position_fine",
+                                                                             "position"}
+    start = CLIPTextModel.from_pretrained(str(te)).state_dict()
+    assert not any(k.startswith("head") for k in start) and (te / "head.safetensors").is_file()
+
+    out = tmp_path / "decoder"
+    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, out, "--set", "train.steps=2",
+                        "--set", "gate.enabled=false", "--set", f"text_encoder.pretrained={te}",
+                        "--set", "text_encoder.trainable=false") == 0
+    shipped = load_file(str(out / "text_encoder" / "model.safetensors"))
+    assert shipped.keys() <= start.keys() and all(torch.equal(shipped[k], start[k]) for k in shipped)
+
+    # a pretrained encoder of another size is refused in one line, before training
+    capsys.readouterr()
+    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, tmp_path / "bad", "--set", "train.steps=1",
+                        "--set", f"text_encoder.pretrained={te}", "--set", "text_encoder.width=64",
+                        "--set", "text_encoder.heads=2") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "text_encoder.pretrained" in err and "'width': 32" in err
+
+
+def test_word_swaps_change_exactly_one_word_of_the_named_kind():
+    from vilex.toy.pretrain_text_encoder import _swap_word
+
+    caption = "a large green diamond at the middle left and a small red circle at the top center on a white background"
+    assert _swap_word(caption, "background").endswith("on a beige background")
+    for kind, old, new in [("colour", "green", "blue"), ("shape", "diamond", None), ("position", "left", "right")]:
+        swapped = _swap_word(caption, kind)
+        diff = [(a, b) for a, b in zip(caption.split(), swapped.split()) if a != b]
+        assert len(diff) == 1 and diff[0][0] == old and (new is None or diff[0][1] == new)
+    assert _swap_word("a small red circle at the center on a gray background", "position") is None
+
+
 def test_sigmoid_loss_treats_equal_captions_as_positives_and_chance_counts_duplicates():
     from vilex.toy.pretrain_siglip import retrieval_chance, sigmoid_loss_with_duplicates
 
@@ -268,3 +321,20 @@ def test_sigmoid_loss_treats_equal_captions_as_positives_and_chance_counts_dupli
     assert retrieval_chance(["a", "b", "c", "d"], 1) == pytest.approx(0.25)
     assert retrieval_chance(["a", "a", "b", "c"], 1) == pytest.approx((0.5 + 0.5 + 0.25 + 0.25) / 4)
     assert retrieval_chance(["a", "b"], 5) == 1.0
+
+
+def test_hard_negatives_differ_in_one_word_and_a_negative_equal_to_a_caption_is_its_positive():
+    from vilex.toy.pretrain_text_encoder import hard_negative_captions, sigmoid_loss_rows
+    from vilex.toy.recipe import heldout_scenes
+
+    scenes = heldout_scenes(0, 16)
+    texts = [world.caption_coarse(s) for s in scenes[:8]] + [world.caption_fine(s) for s in scenes[8:]]
+    negatives = hard_negative_captions(texts, 2, np.random.default_rng(0))
+    assert len(negatives) == 2 * len(texts)
+    for i, neg in enumerate(negatives):
+        a, b = texts[i // 2].split(), neg.split()
+        assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1
+    logits = torch.tensor([[4.0, -4.0], [-4.0, 4.0], [-4.0, 4.0]])  # rows: caption a, caption b, "negative" == b
+    low = sigmoid_loss_rows(logits, ["a", "b", "b"], ["a", "b"])
+    high = sigmoid_loss_rows(logits, ["a", "b", "c"], ["a", "b"])
+    assert float(low) < 0.1 < float(high)

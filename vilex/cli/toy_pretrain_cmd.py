@@ -1,6 +1,6 @@
 """cli/toy_pretrain_cmd.py — the stage-0 commands of `vilex toy`.
 
-`train-tokenizer`, `train-probe`, `pretrain-decoder`, `gate-decoder`, `pretrain-siglip`.
+`train-tokenizer`, `train-probe`, `pretrain-siglip`, `pretrain-text-encoder`, `pretrain-decoder`, `gate-decoder`.
 
 Stage 0 of the toy world: the project's own tiny stand-ins for the pretrained models it cannot download
 (a BPE tokenizer, a pixel-space T2I decoder, a SigLIP), plus the attribute probe that judges generated
@@ -113,4 +113,38 @@ def _pretrain_siglip(args: argparse.Namespace) -> int:
 
     cfg = load_config(SiglipPretrainConfig, args.config, args.overrides)
     _print_summary(pretrain_siglip(cfg, args.out))
+    return 0
+
+
+# ----------------------------------------------------------------------------- pretrain-text-encoder
+def _text_encoder_args(p: argparse.ArgumentParser) -> None:
+    add_config_args(p)
+    p.add_argument("--out", default="assets/toy/text_encoder", help="CLIPTextModel folder to write")
+
+
+@command("pretrain-text-encoder", help="pretrain the toy decoder's CLIP text encoder against the frozen toy "
+         "SigLIP image tower (LiT)", group="toy")(_text_encoder_args)
+def _pretrain_text_encoder(args: argparse.Namespace) -> int:
+    from vilex.config import load_config
+    from vilex.toy.pretrain_text_encoder import TextEncoderPretrainConfig, pretrain_text_encoder
+
+    cfg = load_config(TextEncoderPretrainConfig, args.config, args.overrides)
+    _print_summary(pretrain_text_encoder(cfg, args.out))
+    return 0
+
+
+# ----------------------------------------------------------------------------- pretrain-llm
+def _llm_args(p: argparse.ArgumentParser) -> None:
+    add_config_args(p)
+    p.add_argument("--out", default="assets/toy/llm", help="LLM folder to write (HF causal LM + tokenizer)")
+
+
+@command("pretrain-llm", help="train the toy chat LLM (byte-level BPE + ChatML, tiny Qwen2) on toy text",
+         group="toy")(_llm_args)
+def _pretrain_llm(args: argparse.Namespace) -> int:
+    from vilex.config import load_config
+    from vilex.toy.pretrain_llm import LLMPretrainConfig, pretrain_llm
+
+    cfg = load_config(LLMPretrainConfig, args.config, args.overrides)
+    _print_summary(pretrain_llm(cfg, args.out))
     return 0

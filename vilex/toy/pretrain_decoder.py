@@ -4,7 +4,10 @@ No pretrained T2I model can be downloaded here, so the toy world ships its own: 
 ``UNet2DConditionModel`` in pixel space (32×32 RGB) and a transformers ``CLIPTextModel`` trained JOINTLY
 with the standard diffusion loss, then saved in the layout the ViLex "pixel_unet" frozen decoder loads:
 ``unet/ text_encoder/ tokenizer/ scheduler/ model_index.json`` (no ``vae/``), plus ``recipe.json``,
-``samples.png`` and ``train_log.jsonl``.
+``samples.png`` and ``train_log.jsonl``. The text encoder can instead start from a contrastively pretrained one
+and stay frozen (``text_encoder.pretrained`` / ``trainable: false``), as Stable Diffusion's does: trained jointly
+from scratch, the toy text encoder learned the background word and ignored the object words
+(pretrain_text_encoder.py).
 
 Decisions:
 * Captions of MIXED granularity: each sample gets its coarse or its fine caption (``fine_caption_prob``).
@@ -83,12 +86,15 @@ class UNetSpec:
 
 @dataclass
 class TextEncoderSpec:
-    """Architecture of the CLIP text encoder (vocabulary and context come from the tokenizer)."""
+    """The CLIP text encoder: built from these sizes (vocabulary and context from the tokenizer), or loaded."""
 
     width: int = cfg_field(64, ge=8)
     layers: int = cfg_field(2, ge=1)
     heads: int = cfg_field(2, ge=1)
     mlp_ratio: int = cfg_field(4, ge=1)
+    pretrained: str | None = cfg_field(None, help="a CLIPTextModel folder (vilex toy pretrain-text-encoder) to "
+                                                  "start from; its sizes must equal the ones above")
+    trainable: bool = cfg_field(True, help="false: the text encoder stays frozen, as SD's CLIP text encoder")
 
     def validate(self) -> None:
         if self.width % self.heads:
@@ -167,6 +173,26 @@ def build_text_encoder(spec: TextEncoderSpec, tokenizer: Any) -> nn.Module:
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads, projection_dim=spec.width,
         max_position_embeddings=int(tokenizer.model_max_length), bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+
+
+def load_or_build_text_encoder(spec: TextEncoderSpec, tokenizer: Any) -> nn.Module:
+    """``spec.pretrained`` loaded (checked against the sizes in ``spec`` and the tokenizer), else a new one."""
+    from transformers import CLIPTextModel
+
+    if spec.pretrained is None:
+        return build_text_encoder(spec, tokenizer)
+    if not (Path(spec.pretrained) / "config.json").is_file():
+        raise UserError(f"text_encoder.pretrained: no CLIPTextModel folder at {spec.pretrained} (train one with "
+                        f"`vilex toy pretrain-text-encoder`)")
+    model = CLIPTextModel.from_pretrained(spec.pretrained)
+    c = model.config
+    found = {"width": c.hidden_size, "layers": c.num_hidden_layers, "heads": c.num_attention_heads,
+             "mlp_ratio": c.intermediate_size // c.hidden_size, "vocab": c.vocab_size}
+    wanted = {"width": spec.width, "layers": spec.layers, "heads": spec.heads, "mlp_ratio": spec.mlp_ratio,
+              "vocab": len(tokenizer)}
+    if found != wanted:
+        raise ConfigError(f"text_encoder.pretrained {spec.pretrained} has {found}; the config says {wanted}")
+    return model
 
 
 def build_unet(spec: UNetSpec, image_size: int, cross_attention_dim: int) -> nn.Module:
@@ -387,11 +413,13 @@ def pretrain_decoder(cfg: DecoderPretrainConfig, out: str | Path, resume: str | 
     spec = cfg.train
     tokenizer = load_toy_tokenizer(cfg.tokenizer)
     torch.manual_seed(cfg.seed)
-    text_encoder = build_text_encoder(cfg.text_encoder, tokenizer)
+    text_encoder = load_or_build_text_encoder(cfg.text_encoder, tokenizer)
+    text_encoder.requires_grad_(cfg.text_encoder.trainable)
     unet = build_unet(cfg.unet, cfg.image_size, cfg.text_encoder.width)
     parts = _Parts(unet, text_encoder).to(device)
     noise_scheduler = build_noise_scheduler(cfg.noise)
-    opt = torch.optim.AdamW(parts.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    trainable = [p for p in parts.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, spec.steps, spec.warmup_steps, spec.min_lr_ratio))
     ema = EMA(parts, decay=spec.ema_decay)
@@ -414,6 +442,7 @@ def pretrain_decoder(cfg: DecoderPretrainConfig, out: str | Path, resume: str | 
     batches = SceneBatches(cfg.seed, start_step, spec.steps, spec.batch_size, cfg.image_size)
     step, window, window_start, stopped_early = start_step, [], time.time(), False
     parts.train()
+    text_encoder.train(cfg.text_encoder.trainable)
     with open(log_path, "a") as log_fh:
         for step_index, images_u8, scenes in scene_loader(batches, spec.num_workers):
             x0 = images_to_unit_range(images_u8)
@@ -429,7 +458,7 @@ def pretrain_decoder(cfg: DecoderPretrainConfig, out: str | Path, resume: str | 
             loss = F.mse_loss(pred.float(), diffusion_target(noise_scheduler, x0, noise, t))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(parts.parameters(), spec.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, spec.grad_clip)
             opt.step()
             lr_sched.step()
             ema.update(parts)
