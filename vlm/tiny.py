@@ -4,8 +4,9 @@ Each builder writes a folder in the layout the real weights come in, so the code
 ``from_pretrained(path)`` call as a hub id (the real-weights path):
 
 * ``build_tiny_tokenizer``  a byte-level BPE tokenizer trained here on a few sentences (so merges exist and a
-                             segment boundary can really break a merge), ChatML special tokens and a ChatML chat
-                             template written here; saved with ``save_pretrained``.
+                             segment boundary can really break a merge) or on a given corpus (the toy LLM's, see
+                             vilex/toy/pretrain_llm.py), ChatML special tokens and a ChatML chat template written
+                             here; saved with ``save_pretrained``.
 * ``build_tiny_llm``         a randomly initialised Qwen2 or Llama causal LM + that tokenizer in one folder.
 * ``build_tiny_vilex_checkpoint`` a stage-1 ViLex checkpoint folder (vit/, pooler/, vilex_config.json) written by the
                              stage-1 code itself (``ViLexEncoder.build`` + ``write_checkpoint``).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -46,8 +48,10 @@ def _corpus(seed: int = 0, n: int = 300) -> list[str]:
 
 
 def build_tiny_tokenizer(folder: str | Path, vocab_size: int = 400, bos_token: str | None = None,
-                         chat_template: str | None = CHATML_TEMPLATE):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` (EOS = pad = <|endoftext|>) saved into ``folder``."""
+                         chat_template: str | None = CHATML_TEMPLATE, corpus: Iterable[str] | None = None):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` (EOS = pad = <|endoftext|>) saved into ``folder``.
+
+    ``corpus``: the texts the merges are learned on (default: a few hundred random sentences of toy words)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -57,7 +61,7 @@ def build_tiny_tokenizer(folder: str | Path, vocab_size: int = 400, bos_token: s
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator(_corpus(), trainer)
+    core.train_from_iterator(_corpus() if corpus is None else corpus, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                                   bos_token=bos_token)
     if chat_template is not None:

@@ -1,0 +1,329 @@
+"""toy/pretrain_llm.py — a tiny chat LLM pretrained on toy text (the toy VLMs' language model).
+
+The stage-2 VLM needs a pretrained causal LM with a chat template; none can be downloaded here, so this trains one
+on the toy world's text. Two parts, one folder (``out/``, a plain HF folder loadable by
+``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``):
+
+* tokenizer: byte-level BPE (``vlm.tiny.build_tiny_tokenizer``) with ChatML special tokens and a ChatML chat template,
+  its merges learned on the documents of the first ``tokenizer.corpus_steps`` training steps (so the template's
+  fixed text — the default system prompt, the QA instruction — becomes a few tokens);
+* model: a ``Qwen2ForCausalLM`` (~0.5M parameters, tied embeddings) trained with next-token loss on toy documents
+  drawn fresh every step from ``Stream.TRAIN`` scenes (``vilex.toy.recipe``):
+    - captions (``caption_docs`` per scene: coarse or fine, or both) as plain text ending in ``<|endoftext|>``;
+    - ChatML QA (the ``instruct`` template's format, rendered by the tokenizer's chat template): the first user turn
+      holds a caption where the VLM will have ``<image>``, then every question of the scene, each with the suite's
+      QA instruction (``vilex.toy.vlm_data.chat_qa_messages``), in a random order;
+    - ChatML caption requests (``CAPTION_PROMPT`` after a fine caption -> the coarse caption), with ``caption_chat_prob``.
+  Documents are packed into rows of ``train.pack_length`` with position ids restarting per document (no attention
+  across documents; ``vlm.packing.Collator``). Plain text learns every token; chat documents go through the VLM's
+  own ``instruct`` template and learn their assistant turns (``data.chat_loss: assistant``), exactly as the instruct
+  stage will. Why: with every token learned (first run, recipe in vlm/README.md) the answers were ~5% of the loss and
+  the model reached a held-out loss of 0.32 while answering colour/shape/position questions from a caption at chance;
+  the captions it must read are still learned from the plain caption documents.
+
+``recipe.json`` records the held-out (``Stream.HELDOUT`` scenes) per-token loss and perplexity of the same document
+mix, and greedy exact-match accuracy per question type when the coarse caption stands in for the image (the text-only
+ceiling the VLM's image tokens have to reach), with the chance level of each type.
+
+``generation_config.eos_token_id`` is ``[<|im_end|>, <|endoftext|>]`` (as Qwen2.5-Instruct's), so generation stops
+at the end of an assistant turn.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence, Union
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from vilex.checkpoint import atomic_dir
+from vilex.config import cfg_field, to_dict
+from vilex.errors import ConfigError
+from vilex.toy import world
+from vilex.toy.probe import warmup_cosine
+from vilex.toy.recipe import Stream, heldout_scenes, toy_rng, write_recipe
+from vilex.toy.vlm_data import CAPTION_PROMPT, chance_levels, chat_qa_messages
+
+log = logging.getLogger(__name__)
+
+IM_END = "<|im_end|>"
+
+
+@dataclass
+class LLMTokenizerSpec:
+    vocab_size: int = cfg_field(640, ge=300, help="BPE vocabulary incl. the 256 byte symbols and special tokens")
+    corpus_steps: int = cfg_field(200, ge=1, help="merges are learned on the documents of this many training steps")
+
+
+@dataclass
+class LLMModelSpec:
+    width: int = cfg_field(128, ge=8)
+    layers: int = cfg_field(3, ge=1)
+    heads: int = cfg_field(4, ge=1)
+    kv_heads: int = cfg_field(2, ge=1)
+    intermediate: int = cfg_field(256, ge=8, help="MLP width")
+    max_positions: int = cfg_field(1024, ge=64)
+    spare_rows: int = cfg_field(8, ge=0, help="embedding rows beyond the vocabulary (the VLM adds <image> there)")
+
+    def validate(self) -> None:
+        if self.width % self.heads:
+            raise ConfigError(f"model: width {self.width} not divisible by heads {self.heads}")
+        if self.heads % self.kv_heads:
+            raise ConfigError(f"model: heads {self.heads} not divisible by kv_heads {self.kv_heads}")
+
+
+@dataclass
+class LLMDataSpec:
+    scenes_per_step: int = cfg_field(24, ge=1, help="scenes whose documents form one training step")
+    caption_docs: int = cfg_field(1, ge=0, le=2, help="plain captions per scene: 0, 1 (coarse or fine) or 2 (both)")
+    chat_loss: Literal["assistant", "all"] = cfg_field(
+        "assistant", help="ChatML documents learn their assistant turns only (as the instruct template) or all")
+    fine_context_prob: float = cfg_field(0.5, ge=0, le=1, help="QA context: fine caption (else coarse)")
+    caption_chat_prob: float = cfg_field(0.3, ge=0, le=1, help="a ChatML caption-request document per scene")
+
+
+@dataclass
+class LLMTrainSpec:
+    steps: int = cfg_field(600, ge=1)
+    pack_length: int = cfg_field(512, ge=32, help="tokens per packed row")
+    lr: float = cfg_field(3e-3, gt=0)
+    warmup_steps: int = cfg_field(30, ge=0)
+    min_lr_ratio: float = cfg_field(0.05, ge=0, le=1)
+    weight_decay: float = cfg_field(0.01, ge=0)
+    grad_clip: float = cfg_field(1.0, gt=0)
+    threads: int = cfg_field(1, ge=1)
+    log_every: int = cfg_field(25, ge=1)
+    max_minutes: float | None = cfg_field(None, gt=0, help="stop early (and still evaluate and save) after this long")
+
+
+@dataclass
+class LLMPretrainConfig:
+    """One toy-LLM pretraining experiment (configs/toy/llm.yaml)."""
+
+    seed: int = cfg_field(0)
+    tokenizer: LLMTokenizerSpec = field(default_factory=LLMTokenizerSpec)
+    model: LLMModelSpec = field(default_factory=LLMModelSpec)
+    data: LLMDataSpec = field(default_factory=LLMDataSpec)
+    train: LLMTrainSpec = field(default_factory=LLMTrainSpec)
+    eval_scenes: int = cfg_field(256, ge=1, help="held-out scenes for loss/perplexity")
+    eval_questions: int = cfg_field(400, ge=0, help="held-out questions answered greedily (0 = skip)")
+
+
+# ----------------------------------------------------------------------------- documents
+Document = Union[str, list]  # plain text (every token learned) | chat messages (see LLMDataSpec.chat_loss)
+
+
+def scene_documents(scene: world.Scene, rng: np.random.Generator, spec: LLMDataSpec) -> list[Document]:
+    """The training documents of one scene (see the module docstring)."""
+    coarse, fine = world.caption_coarse(scene), world.caption_fine(scene)
+    captions = [coarse, fine] if spec.caption_docs == 2 else \
+        [coarse if rng.random() < 0.5 else fine] if spec.caption_docs == 1 else []
+    docs: list[Document] = [c + "<|endoftext|>" for c in captions]
+    qas = [(q.question, q.answer) for q in world.questions(scene, rng)]
+    order = rng.permutation(len(qas))
+    context = fine if rng.random() < spec.fine_context_prob else coarse
+    docs.append(chat_qa_messages(context, [qas[i] for i in order]))
+    if rng.random() < spec.caption_chat_prob:
+        docs.append([{"role": "user", "content": f"{fine}\n{CAPTION_PROMPT}"},
+                     {"role": "assistant", "content": coarse}])
+    return docs
+
+
+def step_documents(seed: int, step: int, spec: LLMDataSpec) -> list[Document]:
+    """Documents of training step ``step`` (a pure function of seed and step)."""
+    rng = toy_rng(seed, Stream.TRAIN, step)
+    docs: list[Document] = []
+    for _ in range(spec.scenes_per_step):
+        docs += scene_documents(world.sample_scene(rng), rng, spec)
+    return docs
+
+
+def _template_renderer():
+    """Renders chat messages with the ChatML template before a tokenizer exists (for the tokenizer's corpus)."""
+    from jinja2 import Template
+
+    from vlm.tiny import CHATML_TEMPLATE
+
+    template = Template(CHATML_TEMPLATE)
+    return lambda messages: template.render(messages=messages, add_generation_prompt=False)
+
+
+# ----------------------------------------------------------------------------- tokenizer + model
+def build_toy_llm_tokenizer(cfg: LLMPretrainConfig, folder: str | Path) -> Any:
+    """The byte-level BPE + ChatML tokenizer, merges learned on the first ``corpus_steps`` steps' documents."""
+    from vlm.tiny import build_tiny_tokenizer
+
+    render = _template_renderer()
+    corpus = [d if isinstance(d, str) else render(d)
+              for s in range(cfg.tokenizer.corpus_steps) for d in step_documents(cfg.seed, s, cfg.data)]
+    tok = build_tiny_tokenizer(folder, vocab_size=cfg.tokenizer.vocab_size, corpus=corpus)
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]
+    if tok.apply_chat_template(probe, tokenize=False) != render(probe):
+        raise ConfigError("the tokenizer's chat template renders differently from the corpus template")
+    return tok
+
+
+def build_toy_llm(spec: LLMModelSpec, tokenizer: Any) -> Any:
+    """A randomly initialised ``Qwen2ForCausalLM`` (tied embeddings) for ``tokenizer``."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    config = Qwen2Config(vocab_size=len(tokenizer) + spec.spare_rows, hidden_size=spec.width,
+                         intermediate_size=spec.intermediate, num_hidden_layers=spec.layers,
+                         num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+                         max_position_embeddings=spec.max_positions, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=None)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = [im_end, tokenizer.eos_token_id]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    return model
+
+
+def _examples(tokenizer: Any, docs: Sequence[Document], chat_loss: str) -> list[Any]:
+    """Documents -> ``vlm.data.Example``s: plain text learns every next token; chat documents go through the VLM's
+    own ``instruct`` template (vlm/templates.py, labels verified), learning their assistant turns (or all)."""
+    from vlm.data import Example
+    from vlm.templates import IGNORE, Segment, TokenizedSample, Turn, build_template, tokenize_segments
+
+    template = build_template("instruct", tokenizer, "<image>")
+    out = []
+    for i, doc in enumerate(docs):
+        if isinstance(doc, str):
+            segments = [Segment(doc, True)]
+        else:
+            segments = template.segments(f"doc{i}", [Turn(m["role"], m["content"]) for m in doc], False)
+            if chat_loss == "all":
+                segments = [Segment(s.text, True) for s in segments]
+        ids, labels = tokenize_segments(f"doc{i}", segments, tokenizer)
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        targets = torch.tensor(labels[1:] + [IGNORE], dtype=torch.long)
+        out.append(Example(TokenizedSample(f"doc{i}", ids_t, targets, has_image=False), None))
+    return out
+
+
+def lm_loss(model: Any, batch: Any) -> tuple[torch.Tensor, int]:
+    """(mean next-token loss over learned positions, their count) of a packed ``vlm.packing.Batch``."""
+    from vlm.templates import IGNORE
+
+    hidden = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                         attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+    learned = batch.targets != IGNORE
+    logits = model.lm_head(hidden[learned]).float()
+    n = int(learned.sum())
+    return F.cross_entropy(logits, batch.targets[learned], reduction="sum") / max(n, 1), n
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def heldout_loss(model: Any, tokenizer: Any, cfg: LLMPretrainConfig, collate: Any) -> dict[str, float]:
+    """Per-token loss and perplexity on the documents of ``eval_scenes`` held-out scenes."""
+    rng = toy_rng(cfg.seed, Stream.HELDOUT, 1)
+    docs = [d for s in heldout_scenes(cfg.seed, cfg.eval_scenes) for d in scene_documents(s, rng, cfg.data)]
+    model.eval()
+    total, count = 0.0, 0
+    examples = _examples(tokenizer, docs, cfg.data.chat_loss)
+    for start in range(0, len(examples), 64):
+        loss, n = lm_loss(model, collate(examples[start:start + 64]))
+        total += float(loss) * n
+        count += n
+    mean = total / max(count, 1)
+    return {"loss": round(mean, 4), "perplexity": round(math.exp(mean), 3), "tokens": count, "documents": len(docs)}
+
+
+@torch.no_grad()
+def text_qa_accuracy(model: Any, tokenizer: Any, seed: int, n_questions: int) -> dict[str, Any]:
+    """Greedy exact match per question type with the coarse caption in place of the image (held-out scenes)."""
+    from benchmarks.toy_task_fns import normalize_answer
+
+    model.eval()
+    rng = toy_rng(seed, Stream.HELDOUT, 2)
+    hits: dict[str, list[float]] = defaultdict(list)
+    answers: dict[str, list[str]] = defaultdict(list)
+    asked = 0
+    for scene in heldout_scenes(seed + 1, max(1, n_questions)):
+        for qa in world.questions(scene, rng):
+            if asked >= n_questions:
+                break
+            text = tokenizer.apply_chat_template(chat_qa_messages(world.caption_coarse(scene),
+                                                                  [(qa.question, "")])[:1],
+                                                 tokenize=False, add_generation_prompt=True)
+            ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+            pred = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            hits[qa.type].append(float(normalize_answer(pred) == normalize_answer(qa.answer)))
+            answers[qa.type].append(qa.answer)
+            asked += 1
+        if asked >= n_questions:
+            break
+    return {t: {"accuracy": round(float(np.mean(h)), 4), "n": len(h), "chance": chance_levels(answers[t])}
+            for t, h in sorted(hits.items())}
+
+
+# ----------------------------------------------------------------------------- training
+def pretrain_llm(cfg: LLMPretrainConfig, out: str | Path) -> dict[str, Any]:
+    """Train tokenizer + tiny Qwen2 on toy text, evaluate held-out, write ``out``; returns the metrics."""
+    from vlm.packing import Collator
+
+    torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    started = time.time()
+    spec = cfg.train
+    with atomic_dir(out) as tmp:
+        tokenizer = build_toy_llm_tokenizer(cfg, tmp)
+        log.info("tokenizer: %d tokens (merges learned on %d steps of documents)", len(tokenizer),
+                 cfg.tokenizer.corpus_steps)
+        model = build_toy_llm(cfg.model, tokenizer)
+        n_params = sum(p.numel() for p in model.parameters())
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=(0.9, 0.98))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, spec.steps, spec.warmup_steps, spec.min_lr_ratio))
+        collate = Collator(tokenizer.pad_token_id, packing=True, row_length=spec.pack_length)
+        log.info("toy LLM: %.3fM params; %d steps of %d scenes", n_params / 1e6, spec.steps, cfg.data.scenes_per_step)
+        curve, window, window_start, step, stopped_early, tokens_seen = [], [], time.time(), 0, False, 0
+        for step_index in range(spec.steps):
+            model.train()
+            batch = collate(_examples(tokenizer, step_documents(cfg.seed, step_index, cfg.data), cfg.data.chat_loss))
+            loss, n = lm_loss(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+            opt.step()
+            sched.step()
+            step, tokens_seen = step_index + 1, tokens_seen + n
+            window.append(float(loss.detach()))
+            if step % spec.log_every == 0 or step == spec.steps:
+                sec = (time.time() - window_start) / len(window)
+                curve.append({"step": step, "loss": round(float(np.mean(window)), 4)})
+                log.info("step %d/%d loss %.4f lr %.2e %.2fs/step (%d rows x %d)", step, spec.steps,
+                         curve[-1]["loss"], sched.get_last_lr()[0], sec, *batch.input_ids.shape)
+                window, window_start = [], time.time()
+            if spec.max_minutes is not None and time.time() - started > spec.max_minutes * 60 and step < spec.steps:
+                log.warning("train.max_minutes=%s reached at step %d of %d: stopping early", spec.max_minutes,
+                            step, spec.steps)
+                stopped_early = True
+                break
+        train_minutes = (time.time() - started) / 60
+        metrics = {
+            "heldout": heldout_loss(model, tokenizer, cfg, collate),
+            "text_qa_heldout": text_qa_accuracy(model, tokenizer, cfg.seed, cfg.eval_questions)
+            if cfg.eval_questions else {},
+            "steps_done": step, "steps_planned": spec.steps, "stopped_early": stopped_early,
+            "train_minutes": round(train_minutes, 2), "train_tokens": tokens_seen,
+            "parameters": n_params, "vocab_size": len(tokenizer),
+            "loss_curve": curve[:: max(1, len(curve) // 8)] + curve[-1:],
+        }
+        model.save_pretrained(str(tmp))
+        write_recipe(tmp, "llm", to_dict(cfg), cfg.seed, time.time() - started, metrics)
+    log.info("held-out loss %.4f (perplexity %.3f)", metrics["heldout"]["loss"], metrics["heldout"]["perplexity"])
+    return metrics
