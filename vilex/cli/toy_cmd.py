@@ -1,4 +1,5 @@
-"""cli/toy_cmd.py — ``vilex toy generate``: write a toy-world dataset (see vilex/toy/generate.py).
+"""cli/toy_cmd.py — ``vilex toy generate``: write a toy-world dataset (see vilex/toy/generate.py);
+``vilex toy vlm-data``: LLaVA JSON for the toy VLMs from one of its splits (see vilex/toy/vlm_data.py).
 
 Argument values are validated by ``generate_dataset`` itself (one ``UserError`` line, exit code 2),
 so the Python API and the CLI refuse the same inputs with the same messages.
@@ -40,4 +41,27 @@ def _run(args: argparse.Namespace) -> int:
         contact_sheet_from_split(Path(args.out) / first_split, Path(args.out) / "contact_sheet.png",
                                  n=args.contact_sheet)
     print(json.dumps({"out": str(args.out), "scenes_per_split": stats["scenes_per_split"]}))
+    return 0
+
+
+def _vlm_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", required=True, help="a split folder written by `vilex toy generate` (e.g. DIR/train)")
+    p.add_argument("--out", required=True, help="folder for align.json / instruct.json (+ vlm_data.json)")
+    p.add_argument("--kind", choices=("align", "instruct", "both"), default="both", help="which file(s) to write")
+    p.add_argument("--seed", type=int, default=0, help="question order and sample mixing")
+    p.add_argument("--caption-prob", type=float, default=0.25,
+                   help="instruct: probability of a one-turn caption sample per scene")
+    p.add_argument("--text-only-prob", type=float, default=0.1,
+                   help="instruct: probability of a text-only sample (caption in the prompt) per scene")
+
+
+@command("vlm-data", help="LLaVA JSON (align captions / instruct QA) for train-vlm from a toy split",
+         group="toy")(_vlm_data_args)
+def _vlm_data(args: argparse.Namespace) -> int:
+    from vilex.toy.vlm_data import KINDS, write_vlm_data
+
+    kinds = KINDS if args.kind == "both" else (args.kind,)
+    info = write_vlm_data(args.split, args.out, kinds, seed=args.seed, caption_prob=args.caption_prob,
+                          text_only_prob=args.text_only_prob)
+    print(json.dumps(info, indent=1))
     return 0
