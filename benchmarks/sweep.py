@@ -1,7 +1,10 @@
 """benchmarks/sweep.py — a resumable models × tasks lmms-eval sweep (``vilex eval --config …``).
 
 Each (model, task) runs in its own subprocess (``python -m benchmarks.worker``): lmms-eval writes results only at
-the end of a run, so one pair per process means a kill loses at most the pair in flight. Results live under
+the end of a run, so one pair per process means a kill loses at most the pair in flight. ``process_per: model``
+runs all missing tasks of one model in ONE worker process instead (saves the per-process import and task-index
+cost, ~7-10 s a pair on this machine; the worker still calls lmms-eval once per task and writes each pair's result
+as soon as it is done, so resumability stays per pair). Results live under
 
     <output_dir>/results/<model label>/<task>/<key>/{result.json, samples.jsonl}
 
@@ -33,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal
 
 import yaml
 
@@ -59,6 +62,8 @@ class SweepConfig:
     model: str = cfg_field("vilex_vlm", help="lmms-eval model name")
     model_args: str = cfg_field("", help="extra model_args appended after pretrained=PATH")
     batch_size: int = cfg_field(1, ge=1, help="1 for final numbers (scores change with batch size)")
+    process_per: Literal["pair", "model"] = cfg_field(
+        "pair", help="one worker process per (model, task) pair, or one per model running its missing tasks in turn")
     limit: int | None = cfg_field(None, ge=1, help="docs per task (smoke runs only)")
     gen_kwargs: str = cfg_field("", help="lmms-eval --gen_kwargs string, part of the result key")
     use_cache: bool = cfg_field(True, help="lmms-eval response cache under output_dir/response_cache")
@@ -246,6 +251,12 @@ def _progress(cfg: SweepConfig, label: str, task: str) -> str:
             f"task {tasks.index(task) + 1}/{len(tasks)} {task}")
 
 
+def _error_of(rdir: Path, key: str, rc: int, log_path: Path) -> str:
+    err_file = rdir.parent / f"{key}.error.json"
+    return (json.loads(err_file.read_text())["error"] if err_file.is_file()
+            else f"worker exited with code {rc}; see {log_path}")
+
+
 def run_sweep(cfg: SweepConfig, launch: Launcher = subprocess_launch,
               full_index: Callable[[str | Path | None], dict[str, Path]] = lmms_task_index) -> SweepSummary:
     """Evaluate every missing (model, task) pair; returns (and writes to ``sweep.json``) what happened to each.
@@ -257,38 +268,56 @@ def run_sweep(cfg: SweepConfig, launch: Launcher = subprocess_launch,
     out = Path(cfg.output_dir)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     pairs = plan_pairs(cfg, tasks)
-    summary = SweepSummary()
+    common = {"model": cfg.model, "include_path": str(Path(include_path).resolve()) if include_path else None,
+              "offline": cfg.prepared_cache is not None, "batch_size": cfg.batch_size, "limit": cfg.limit,
+              "gen_kwargs": cfg.gen_kwargs, "device": cfg.device,
+              "use_cache": str((out / "response_cache").resolve()) if cfg.use_cache else None}
+    outcomes: dict[int, PairOutcome] = {}
     sweep_start = time.perf_counter()
-    for i, (label, task, key, rdir) in enumerate(pairs, 1):
-        where = _progress(cfg, label, task)
-        if (rdir / RESULT_FILE).is_file():
-            log.info("%s: skipped (cached, key %s)", where, key)
-            summary.outcomes.append(PairOutcome(label, task, key, "skipped", str(rdir)))
+    for i, (label, task, key, rdir) in enumerate(pairs):
+        if i in outcomes:  # ran (and was logged) with an earlier pair of its model
             continue
-        spec = {"model": cfg.model, "task": task, "key": key, "out": str(rdir.resolve()),
-                "model_args": ",".join(a for a in (f"pretrained={Path(cfg.models[label]).resolve()}",
-                                                   cfg.model_args) if a),
-                "include_path": str(Path(include_path).resolve()) if include_path else None,
-                "include_defaults": task not in local, "offline": cfg.prepared_cache is not None,
-                "batch_size": cfg.batch_size, "limit": cfg.limit, "gen_kwargs": cfg.gen_kwargs, "device": cfg.device,
-                "use_cache": str((out / "response_cache").resolve()) if cfg.use_cache else None}
-        spec_path = out / "logs" / f"{label}__{task}__{key}.spec.json"
+        if (rdir / RESULT_FILE).is_file():
+            log.info("%s: skipped (cached, key %s)", _progress(cfg, label, task), key)
+            outcomes[i] = PairOutcome(label, task, key, "skipped", str(rdir))
+            continue
+        unit = [i]
+        if cfg.process_per == "model":
+            unit += [j for j in range(i + 1, len(pairs))
+                     if pairs[j][0] == label and not (pairs[j][3] / RESULT_FILE).is_file()]
+        specs = [{"task": pairs[j][1], "key": pairs[j][2], "out": str(pairs[j][3].resolve()),
+                  "include_defaults": pairs[j][1] not in local} for j in unit]
+        model_args = ",".join(a for a in (f"pretrained={Path(cfg.models[label]).resolve()}", cfg.model_args) if a)
+        spec = {**common, "model_args": model_args, **(specs[0] if len(unit) == 1 else {"pairs": specs})}
+        name = f"{label}__{task}__{key}" if len(unit) == 1 else f"{label}__{len(unit)}-tasks__{key}"
+        spec_path = out / "logs" / f"{name}.spec.json"
+        log_path = spec_path.with_suffix("").with_suffix(".log")
         spec_path.write_text(json.dumps(spec, indent=1))
-        log.info("%s: running", where)
-        start = time.perf_counter()
-        rc = launch(spec_path, spec_path.with_suffix("").with_suffix(".log"))
-        seconds = time.perf_counter() - start
-        if rc == 0 and (rdir / RESULT_FILE).is_file():
-            log.info("%s: done in %.1fs", where, seconds)
-            summary.outcomes.append(PairOutcome(label, task, key, "done", str(rdir), seconds=seconds))
+        for j in unit:
+            (pairs[j][3].parent / f"{pairs[j][2]}.error.json").unlink(missing_ok=True)  # a stale earlier failure
+        if len(unit) == 1:
+            log.info("%s: running", _progress(cfg, label, task))
         else:
-            err_file = rdir.parent / f"{key}.error.json"
-            error = (json.loads(err_file.read_text())["error"] if err_file.is_file()
-                     else f"worker exited with code {rc}; see {spec_path.with_suffix('').with_suffix('.log')}")
-            log.error("%s: failed: %s", where, error)
-            summary.outcomes.append(PairOutcome(label, task, key, "failed", str(rdir), error, seconds))
-        log.info("sweep: pair %d/%d finished, %.0fs elapsed, %d left", i, len(pairs),
-                 time.perf_counter() - sweep_start, len(pairs) - i)
+            log.info("model %d/%d %s: running %d tasks in one process (%s)", list(cfg.models).index(label) + 1,
+                     len(cfg.models), label, len(unit), ", ".join(pairs[j][1] for j in unit))
+        start = time.perf_counter()
+        rc = launch(spec_path, log_path)
+        wall = time.perf_counter() - start
+        for j in unit:
+            lbl, tsk, k, rd = pairs[j]
+            where = _progress(cfg, lbl, tsk)
+            if (rd / RESULT_FILE).is_file():
+                seconds = (wall if len(unit) == 1  # in a group: the worker's own time for this task
+                           else float(json.loads((rd / RESULT_FILE).read_text()).get("seconds", 0)))
+                log.info("%s: done in %.1fs", where, seconds)
+                outcomes[j] = PairOutcome(lbl, tsk, k, "done", str(rd), seconds=seconds)
+            else:
+                error = _error_of(rd, k, rc, log_path)
+                log.error("%s: failed: %s", where, error)
+                outcomes[j] = PairOutcome(lbl, tsk, k, "failed", str(rd), error, wall if len(unit) == 1 else 0.0)
+        log.info("sweep: %d/%d pairs finished, %.0fs elapsed, %d left", len(outcomes), len(pairs),
+                 time.perf_counter() - sweep_start, len(pairs) - len(outcomes))
+    summary = SweepSummary([outcomes[i] for i in range(len(pairs))])
     (out / SUMMARY_FILE).write_text(json.dumps({"config": _config_dict(cfg),
                                                 "pairs": [o.__dict__ for o in summary.outcomes]}, indent=1))
     log.info("sweep: %d done, %d skipped, %d failed -> %s", summary.count("done"), summary.count("skipped"),

@@ -6,7 +6,8 @@ SPEC holds model, model_args, task, include_path, include_defaults, gen_kwargs, 
 The worker calls ``lmms_eval.evaluator.simple_evaluate`` in-process (the same code path as the ``lmms-eval`` CLI) with
 ``log_samples=True`` and writes, atomically, ``out/result.json`` (metrics, task config, versions, n-samples) and
 ``out/samples.jsonl`` (one line per doc: doc_id, target, resps, filtered_resps and the per-doc metrics). A failure
-writes ``out/error.json`` instead and exits 1; the sweep records it and goes on.
+writes ``out/error.json`` instead and exits 1; the sweep records it and goes on. A spec with ``pairs`` (the sweep's
+``process_per: model``) evaluates those tasks in turn in this one process, writing each result when it is done.
 """
 from __future__ import annotations
 
@@ -26,15 +27,20 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def evaluate_one(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run lmms-eval for one task; returns {"metrics", "config", "n_samples", "samples", "versions"}."""
+def evaluate_one(spec: dict[str, Any], managers: dict[bool, Any] | None = None) -> dict[str, Any]:
+    """Run lmms-eval for one task; returns {"metrics", "config", "n_samples", "samples", "versions"}.
+    ``managers`` caches the TaskManager (its index) across the tasks of one process."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
     # a local task is loaded without lmms-eval's built-in index (which would shadow a local copy of a built-in
     # name, and costs seconds to build); model_name as the lmms-eval CLI passes it (model-specific prompt kwargs)
-    tm = TaskManager(verbosity="WARNING", include_path=spec.get("include_path") or None,
-                     include_defaults=spec.get("include_defaults", True), model_name=spec["model"])
+    managers = {} if managers is None else managers
+    defaults = bool(spec.get("include_defaults", True))
+    if defaults not in managers:
+        managers[defaults] = TaskManager(verbosity="WARNING", include_path=spec.get("include_path") or None,
+                                         include_defaults=defaults, model_name=spec["model"])
+    tm = managers[defaults]
     out = simple_evaluate(model=spec["model"], model_args=spec["model_args"], tasks=[spec["task"]],
                           batch_size=spec.get("batch_size", 1), device=spec.get("device", "cpu"),
                           limit=spec.get("limit"), log_samples=True, task_manager=tm,
@@ -61,18 +67,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec", required=True, type=Path)
     args = p.parse_args(argv)
     spec = json.loads(args.spec.read_text())
-    out_dir = Path(spec["out"])
-    start = time.perf_counter()
-    try:
-        result = evaluate_one(spec)
-    except Exception as e:  # any failure of this one task is recorded, the sweep goes on
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        err = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(), "spec": spec}
-        (out_dir.parent / f"{out_dir.name}.error.json").write_text(json.dumps(err, indent=1))
-        print(f"error: {spec['task']}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    write_result(out_dir, spec, result, time.perf_counter() - start)
-    return 0
+    common = {k: v for k, v in spec.items() if k != "pairs"}
+    pairs = spec.get("pairs") or [{}]  # several tasks of one model (process_per: model), each written when done
+    managers: dict[bool, Any] = {}
+    failed = 0
+    for n, pair in enumerate(pairs, 1):
+        one = {**common, **pair}
+        out_dir = Path(one["out"])
+        print(f"worker: task {n}/{len(pairs)} {one['task']}", flush=True)
+        start = time.perf_counter()
+        try:
+            result = evaluate_one(one, managers)
+        except Exception as e:  # any failure of this one task is recorded, the sweep goes on
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            err = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(), "spec": one}
+            (out_dir.parent / f"{out_dir.name}.error.json").write_text(json.dumps(err, indent=1))
+            print(f"error: {one['task']}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            failed += 1
+            continue
+        write_result(out_dir, one, result, time.perf_counter() - start)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

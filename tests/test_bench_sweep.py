@@ -98,6 +98,43 @@ def test_a_failing_task_is_recorded_and_the_sweep_goes_on(setup):
     assert again.launches == [("m1", "toy_a"), ("m2", "toy_a")]
 
 
+class FakeGroupLauncher(FakeLauncher):
+    """A worker that takes several tasks of one model per process (``pairs`` in the spec)."""
+
+    def __init__(self, fail_task=None):
+        super().__init__(fail_task)
+        self.processes = []
+
+    def __call__(self, spec_path: Path, log_path: Path) -> int:
+        spec = json.loads(spec_path.read_text())
+        common = {k: v for k, v in spec.items() if k != "pairs"}
+        self.processes.append([p["task"] for p in spec.get("pairs", [spec])])
+        rcs = []
+        for pair in spec.get("pairs", [{}]):
+            one_spec = spec_path.with_name(f"one-{len(self.launches)}.json")
+            one_spec.write_text(json.dumps({**common, **pair}))
+            rcs.append(super().__call__(one_spec, log_path))
+        return max(rcs)
+
+
+def test_one_process_per_model_keeps_results_and_resume_per_pair(setup, caplog):
+    caplog.set_level("INFO", logger="benchmarks.sweep")
+    setup.process_per = "model"
+    first = FakeGroupLauncher(fail_task="toy_b")
+    summary = run_sweep(setup, launch=first, full_index=_no_full_index)
+    assert first.processes == [["toy_a", "toy_b"], ["toy_a", "toy_b"]]
+    assert [(o.model, o.task, o.status) for o in summary.outcomes] == [
+        ("m1", "toy_a", "done"), ("m1", "toy_b", "failed"), ("m2", "toy_a", "done"), ("m2", "toy_b", "failed")]
+    assert summary.outcomes[1].error == "ValueError: boom"
+    assert "model 1/2 m1: running 2 tasks in one process (toy_a, toy_b)" in caplog.text
+    # a killed group process == results of the finished tasks only; the rerun runs just the missing pairs
+    second = FakeGroupLauncher()
+    summary = run_sweep(setup, launch=second, full_index=_no_full_index)
+    assert second.processes == [["toy_b"], ["toy_b"]]
+    assert [o.status for o in summary.outcomes] == ["skipped", "done", "skipped", "done"]
+    assert not list(Path(summary.outcomes[1].result_dir).parent.glob("*.error.json"))  # stale failure cleared
+
+
 def test_task_typo_fails_before_anything_runs_with_close_names(setup):
     setup.tasks = ["toy_a", "toy_cpation"]
     launcher = FakeLauncher()
