@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -218,7 +219,16 @@ def prepare_suite(cfg: SweepConfig, cache: str | Path, force: bool = False,
         if (data_dir / "dataset_dict.json").is_file() and not force:
             status = "kept"
         else:
-            ds = load(plan, cfg.include_path)
+            try:
+                ds = load(plan, cfg.include_path)
+            except UserError:
+                raise
+            except Exception as e:  # the hub, the network, a missing local file: name the task, keep what is saved
+                offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v) == "1"]
+                raise UserError(f"task {plan.name!r}: lmms-eval could not load its dataset "
+                                f"({plan.config.get('dataset_path')}): {type(e).__name__}: {e}"
+                                + (f" ({'/'.join(offline)}=1 is set: prepare needs the network)" if offline else "")
+                                + f"; tasks prepared so far are kept in {cache}") from e
             missing = [s for s in plan.splits if s not in ds]
             if missing:
                 raise UserError(f"task {plan.name!r}: split(s) {missing} not in its dataset (has {sorted(ds)})")
@@ -234,8 +244,8 @@ def prepare_suite(cfg: SweepConfig, cache: str | Path, force: bool = False,
         yaml_path = _write_task_folder(plan, data_dir, folder, splits)
         index["tasks"][plan.name] = {"yaml": str(yaml_path), "data": str(data_dir), "status": status,
                                      "splits": splits}
+        index_path.write_text(json.dumps(index, indent=1))
         rows = ", ".join(f"{s} {v['rows']}" for s, v in splits.items())
         log.info("%s: %s (%s rows) in %.1fs", where, "kept existing data" if status == "kept" else "saved",
                  rows, time.perf_counter() - start)
-    index_path.write_text(json.dumps(index, indent=1))
     return index

@@ -147,6 +147,26 @@ def test_media_downloading_tasks_are_refused_before_loading(tmp_path):
     assert calls == []
 
 
+def test_a_dataset_that_cannot_be_loaded_names_the_task_and_keeps_earlier_ones(tmp_path, monkeypatch):
+    src = _custom_task(tmp_path / "src")
+    (src / "other.yaml").write_text("include: _template_yaml\ntask: custom_other\n")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from benchmarks.prepare import load_task_dataset
+
+    def load(plan, include_path):
+        if plan.name == "custom_other":
+            raise ConnectionError("no route to the hub")
+        return load_task_dataset(plan, include_path)
+
+    cfg = SweepConfig(models={"a": "x"}, tasks=["custom_even", "custom_other"], include_path=src)
+    with pytest.raises(UserError, match=r"task 'custom_other': lmms-eval could not load its dataset \(json\): "
+                                        r"ConnectionError: no route to the hub \(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE=1 is set: prepare needs the "):
+        prepare_suite(cfg, tmp_path / "cache", load=load)
+    assert list(json.loads((tmp_path / "cache" / "prepared.json").read_text())["tasks"]) == ["custom_even"]
+    assert (tmp_path / "cache" / "custom_even" / "dataset_dict.json").is_file()
+
+
 def test_sweep_on_a_cache_refuses_unprepared_tasks_and_runs_offline_specs(toy, tmp_path, monkeypatch):
     from test_bench_sweep import FakeLauncher
 
