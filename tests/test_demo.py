@@ -42,3 +42,14 @@ def test_demo_end_to_end_with_stand_in_assets(tmp_path):
     assert claims["n"] == 6 and set(claims["verdicts"]) >= {"A_psnr_1token_beats_coarse_caption", "B_monotone_psnr"}
     table_rows = [l for l in report.splitlines() if l.startswith("| ViLex, ")]
     assert len(table_rows) == 3 and all(len(r.split("|")) == 12 for r in table_rows)
+
+    # the short run, shipped as the toy ViLex asset would be: pipeline folder + claims + recipe
+    shipped = tmp_path / "shipped"
+    _vilex("toy", "ship-vilex", "--run", str(out / "vilex_short"), "--out", str(shipped), "--n", "4",
+           "--test-split", str(out / "data" / "test"), "--assets", str(assets))
+    recipe = json.loads((shipped / "recipe.json").read_text())
+    assert recipe["asset"] == "vilex" and recipe["metrics"]["steps_done"] == 3
+    assert recipe["metrics"]["claims"]["n"] == 4 and recipe["config"]["train"]["max_steps"] == 3
+    assert recipe["metrics"]["last_invocation"]["from_step"] == 0
+    assert (shipped / "vilex_config.json").is_file() and "| claim | holds |" in (shipped / "claims.md").read_text()
+    assert (shipped / "shipped_reconstructions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

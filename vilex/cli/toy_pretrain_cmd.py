@@ -1,6 +1,7 @@
 """cli/toy_pretrain_cmd.py — the stage-0 commands of `vilex toy`.
 
-`train-tokenizer`, `train-probe`, `pretrain-siglip`, `pretrain-text-encoder`, `pretrain-decoder`, `gate-decoder`.
+`train-tokenizer`, `train-probe`, `pretrain-siglip`, `pretrain-text-encoder`, `pretrain-decoder`, `gate-decoder`,
+`claims`, `ship-vilex`.
 
 Stage 0 of the toy world: the project's own tiny stand-ins for the pretrained models it cannot download
 (a BPE tokenizer, a pixel-space T2I decoder, a SigLIP), plus the attribute probe that judges generated
@@ -147,4 +148,49 @@ def _pretrain_llm(args: argparse.Namespace) -> int:
 
     cfg = load_config(LLMPretrainConfig, args.config, args.overrides)
     _print_summary(pretrain_llm(cfg, args.out))
+    return 0
+
+
+# ----------------------------------------------------------------------------- claims / ship-vilex
+def _claims_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a ViLex pipeline folder (vit/, pooler/, vilex_config.json)")
+    p.add_argument("--test-split", required=True, help="a toy split folder (vilex toy generate), e.g. .../test")
+    p.add_argument("--out", required=True, help="folder for <name>_claims.json and the PNGs")
+    p.add_argument("--name", default="checkpoint", help="file name prefix")
+    p.add_argument("--n", type=int, default=128, help="held-out scenes (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--assets", default="assets/toy", help="folder with decoder/ and probe/")
+
+
+@command("claims", help="measure ViLex's claims (A: 1 token vs caption, B: monotone, D: TFG) for one checkpoint",
+         group="toy")(_claims_args)
+def _claims(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vilex.toy.claims_report import measure_checkpoint
+
+    assets = Path(args.assets)
+    results, body = measure_checkpoint(args.checkpoint, assets / "decoder", assets / "probe", args.test_split,
+                                       args.out, args.name, args.n, args.seed)
+    (Path(args.out) / f"{args.name}_claims.md").write_text(body)
+    print(json.dumps(results["verdicts"], indent=2))
+    return 0
+
+
+def _ship_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", default="runs/toy/vilex", help="the `vilex pretrain` output_dir")
+    p.add_argument("--out", default="assets/toy/vilex", help="asset folder to write")
+    p.add_argument("--test-split", default="runs/toy/vilex_data/test", help="held-out toy split for the claims")
+    p.add_argument("--n", type=int, default=128, help="held-out scenes (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--assets", default="assets/toy", help="folder with decoder/ and probe/")
+
+
+@command("ship-vilex", help="ship a finished toy `vilex pretrain` run as assets/toy/vilex, with its claims",
+         group="toy")(_ship_args)
+def _ship_vilex(args: argparse.Namespace) -> int:
+    from vilex.toy.claims_report import ship_vilex_run
+
+    metrics = ship_vilex_run(args.run, args.out, args.assets, args.test_split, args.n, args.seed)
+    print(json.dumps({"steps_done": metrics["steps_done"], "verdicts": metrics["claims"]["verdicts"]}, indent=2))
     return 0

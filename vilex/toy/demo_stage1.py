@@ -16,7 +16,6 @@ import logging
 import os
 from pathlib import Path
 
-import torch
 
 from vilex.cli.demo_cmd import DemoContext, demo_step
 
@@ -28,52 +27,14 @@ ASSETS = Path(os.environ.get("VILEX_TOY_ASSETS", REPO / "assets" / "toy"))
 TOY_CONFIG = REPO / "configs" / "vilex" / "toy.yaml"
 
 
-def labelled_grid(columns: list[torch.Tensor], titles: list[str], rows: int = 8, scale: int = 3):
-    """Columns of (N,3,H,W) images in [0,1] -> one PIL grid (nearest-upscaled) with a title row."""
-    from PIL import Image, ImageDraw
-
-    n = min(rows, min(len(c) for c in columns))
-    h, w = columns[0].shape[-2:]
-    cell_w, cell_h, pad, head = w * scale, h * scale, 4, 28
-    width = max(len(columns) * (cell_w + pad), 1) + pad
-    sheet = Image.new("RGB", (width, head + n * (cell_h + pad) + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for j, (col, title) in enumerate(zip(columns, titles)):
-        x = pad + j * (cell_w + pad)
-        for k, line in enumerate(title.split("\n")[:2]):
-            draw.text((x, 2 + 12 * k), line, fill=(0, 0, 0))
-        for i in range(n):
-            arr = (col[i].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-            tile = Image.fromarray(arr).resize((cell_w, cell_h), Image.NEAREST)
-            sheet.paste(tile, (x, head + pad + i * (cell_h + pad)))
-    return sheet
-
-
 def evaluate_checkpoint(ctx: DemoContext, checkpoint: Path, name: str, title: str, n: int) -> dict:
     """Claims on the demo's test split for one checkpoint; PNGs + a report section."""
-    from vilex.pipeline import ViLexPipeline
-    from vilex.toy.claims import claims_table, evaluate_claims
-    from vilex.toy.probe import load_probe
+    from vilex.toy.claims_report import measure_checkpoint
 
-    pipe = ViLexPipeline.from_pretrained(checkpoint, decoder_name_or_path=ASSETS / "decoder")
-    pipe.set_progress_bar_config(disable=True)
-    probe = load_probe(ASSETS / "probe")
-    counts = [k for k in (1, 4, 16) if k <= pipe.num_tokens]
-    results, images = evaluate_claims(pipe, probe, ctx.artifacts["toy_data"] / "test", n=n, token_counts=counts,
-                                      n_tfg=min(16, n), seed=ctx.options.seed)
-    (ctx.out / f"{name}_claims.json").write_text(json.dumps(results, indent=2))
-    recon_png = ctx.out / f"{name}_reconstructions.png"
-    cols = [images["_originals"]] + [images[f"vilex_{k}"] for k in counts] + [images["caption_coarse"],
-                                                                              images["caption_fine"]]
-    titles = ["original"] + [f"ViLex\n{k} token{'s' if k > 1 else ''}" for k in counts] + ["coarse\ncaption",
-                                                                                            "fine\ncaption"]
-    labelled_grid(cols, titles).save(recon_png)
-    tfg_png = ctx.out / f"{name}_compose.png"
-    labelled_grid([images["_tfg_sources"], images["_tfg"], images["_tfg_caption"]],
-                  ["source", "tokens + 'on a\n<new> background' TFG", "edited caption\nonly"]).save(tfg_png)
+    results, body = measure_checkpoint(checkpoint, ASSETS / "decoder", ASSETS / "probe",
+                                       ctx.artifacts["toy_data"] / "test", ctx.out, name, n, ctx.options.seed)
     ctx.add_section(f"## {title}\n\nCheckpoint `{checkpoint}`; {n} held-out test scenes of the demo data.\n\n"
-                    f"![reconstructions]({recon_png.name})\n\n![compose]({tfg_png.name})\n\n"
-                    + claims_table(results))
+                    + body)
     return results
 
 
@@ -139,6 +100,7 @@ def step_shipped_run(ctx: DemoContext) -> None:
     note = ""
     if recipe.is_file():
         r = json.loads(recipe.read_text())
-        note = f" Recipe: {r.get('steps', '?')} steps, commit {r.get('git_commit', '?')}."
+        note = (f" (recipe: {r.get('metrics', {}).get('steps_done', '?')} steps, commit "
+                f"{str(r.get('git_commit'))[:10]}; its own measurements on 128 scenes are in `{shipped}/claims.md`)")
     evaluate_checkpoint(ctx, shipped, "shipped_run", "Stage 1 shipped full run: measurements" + note,
                         ctx.options.eval_scenes)

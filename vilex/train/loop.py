@@ -210,6 +210,7 @@ class Pretrainer:
         from tqdm.auto import tqdm
 
         tc = self.cfg.train
+        self._run_started, self._run_from_step = time.perf_counter(), self.state.step
         self.guard = NonFiniteGuard(self.state, tc.max_consecutive_nonfinite, self.ckpts.latest)
         it = iter(self.loader)
         bar = tqdm(total=tc.max_steps, initial=self.state.step, disable=not self.strategy.is_main,
@@ -316,6 +317,9 @@ class Pretrainer:
              "losses": self.state.losses,
              "data_skipped": self.loader.summary() if hasattr(self.loader, "summary") else {},
              "checkpoint": str(self.ckpts.latest()) if self.ckpts.latest() else None}
+        if hasattr(self, "_run_started"):  # this invocation (a resumed run counts from its resume step)
+            s["this_run"] = {"from_step": self._run_from_step,
+                             "loop_seconds": round(time.perf_counter() - self._run_started, 1)}
         if self.strategy.is_main:
             (self.out / "summary.json").write_text(json.dumps(s, indent=2, default=str))
             if self.writer is not None:

@@ -1,0 +1,109 @@
+"""toy/claims_report.py — measure the ViLex claims of one checkpoint and write them as files, and ship a toy run.
+
+``measure_checkpoint`` is what the demo's stage-1 sections and ``vilex toy claims`` both call: it loads a ViLex
+pipeline folder against the toy decoder, runs every arm of vilex/toy/claims.py on held-out scenes, and writes
+``<name>_claims.json``, ``<name>_reconstructions.png`` (originals | ViLex at 1/4/16 tokens | coarse caption | fine
+caption) and ``<name>_compose.png`` (Text-Free Guidance background edits). ``ship_vilex_run`` turns a finished
+``vilex pretrain`` run into the shipped asset folder (assets/toy/vilex) with a recipe holding those measurements.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vilex.errors import UserError
+
+
+def labelled_grid(columns: list[torch.Tensor], titles: list[str], rows: int = 8, scale: int = 3):
+    """Columns of (N,3,H,W) images in [0,1] -> one PIL grid (nearest-upscaled) with a title row."""
+    from PIL import Image, ImageDraw
+
+    n = min(rows, min(len(c) for c in columns))
+    h, w = columns[0].shape[-2:]
+    cell_w, cell_h, pad, head = w * scale, h * scale, 4, 28
+    width = max(len(columns) * (cell_w + pad), 1) + pad
+    sheet = Image.new("RGB", (width, head + n * (cell_h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for j, (col, title) in enumerate(zip(columns, titles)):
+        x = pad + j * (cell_w + pad)
+        for k, line in enumerate(title.split("\n")[:2]):
+            draw.text((x, 2 + 12 * k), line, fill=(0, 0, 0))
+        for i in range(n):
+            arr = (col[i].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            tile = Image.fromarray(arr).resize((cell_w, cell_h), Image.NEAREST)
+            sheet.paste(tile, (x, head + pad + i * (cell_h + pad)))
+    return sheet
+
+
+def measure_checkpoint(checkpoint: str | Path, decoder: str | Path, probe: str | Path, test_split: str | Path,
+                       out_dir: str | Path, name: str, n: int, seed: int = 0) -> tuple[dict[str, Any], str]:
+    """Claims of one checkpoint on ``n`` scenes of ``test_split``; writes the JSON and PNGs into ``out_dir``.
+
+    Returns (results, a markdown body: the two images and the claims tables, with image paths relative to
+    ``out_dir``)."""
+    from vilex.pipeline import ViLexPipeline
+    from vilex.toy.claims import claims_table, evaluate_claims
+    from vilex.toy.probe import load_probe
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe = ViLexPipeline.from_pretrained(checkpoint, decoder_name_or_path=decoder)
+    pipe.set_progress_bar_config(disable=True)
+    counts = [k for k in (1, 4, 16) if k <= pipe.num_tokens]
+    results, images = evaluate_claims(pipe, load_probe(probe), test_split, n=n, token_counts=counts,
+                                      n_tfg=min(16, n), seed=seed)
+    (out_dir / f"{name}_claims.json").write_text(json.dumps(results, indent=2))
+    recon_png = out_dir / f"{name}_reconstructions.png"
+    cols = [images["_originals"]] + [images[f"vilex_{k}"] for k in counts] + [images["caption_coarse"],
+                                                                              images["caption_fine"]]
+    titles = ["original"] + [f"ViLex\n{k} token{'s' if k > 1 else ''}" for k in counts] + ["coarse\ncaption",
+                                                                                            "fine\ncaption"]
+    labelled_grid(cols, titles).save(recon_png)
+    tfg_png = out_dir / f"{name}_compose.png"
+    labelled_grid([images["_tfg_sources"], images["_tfg"], images["_tfg_caption"]],
+                  ["source", "tokens + 'on a\n<new> background' TFG", "edited caption\nonly"]).save(tfg_png)
+    body = f"![reconstructions]({recon_png.name})\n\n![compose]({tfg_png.name})\n\n" + claims_table(results)
+    return results, body
+
+
+def ship_vilex_run(run_dir: str | Path, out: str | Path, assets: str | Path, test_split: str | Path, n: int,
+                   seed: int = 0) -> dict[str, Any]:
+    """Copy the last checkpoint's ``pipeline/`` of a ``vilex pretrain`` run to ``out`` with its measurements.
+
+    ``out`` gets the pipeline folder (vit/, pooler/, vilex_config.json), ``claims.md``, the claims PNGs and
+    ``recipe.json`` (the run's config, seed, commit, steps, wall time and the claims)."""
+    import yaml
+
+    from vilex.checkpoint import CheckpointManager, atomic_dir
+    from vilex.toy.recipe import write_recipe
+
+    run_dir, assets = Path(run_dir), Path(assets)
+    ckpt = CheckpointManager(run_dir / "checkpoints").resolve("auto")
+    if ckpt is None or not (ckpt / "pipeline" / "vilex_config.json").is_file():
+        raise UserError(f"{run_dir}: no finished checkpoint with a pipeline/ folder (is it a `vilex pretrain` run?)")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    started = time.time()
+    with atomic_dir(out) as tmp:
+        shutil.copytree(ckpt / "pipeline", tmp, dirs_exist_ok=True)
+        results, body = measure_checkpoint(tmp, assets / "decoder", assets / "probe", test_split, tmp, "shipped",
+                                           n, seed)
+        (tmp / "claims.md").write_text(f"# Toy ViLex ({ckpt.name}): claims on {n} held-out scenes of "
+                                       f"`{test_split}`\n\n{body}")
+        losses = state.get("losses", [])
+        k = max(1, len(losses) // 10)
+        metrics = {"steps_done": state.get("step"), "checkpoint": str(ckpt),
+                   "last_invocation": summary.get("this_run"),
+                   "loss_first_10pct": sum(losses[:k]) / k if losses else None,
+                   "loss_last_10pct": sum(losses[-k:]) / k if losses else None,
+                   "claims": results, "claims_minutes": round((time.time() - started) / 60, 2)}
+        wall = (summary.get("this_run") or {}).get("loop_seconds") or 0.0
+        write_recipe(tmp, "vilex", config, int(config.get("train", {}).get("seed", 0)), wall, metrics)
+    return metrics
