@@ -1,0 +1,200 @@
+"""Toy-world stage 2: the toy chat LLM (`vilex toy pretrain-llm`), the toy split -> LLaVA JSON converter
+(`vilex toy vlm-data`) and the toy VLM configs. Tiny settings only; the real runs are recorded in vlm/README.md."""
+import json
+
+import pytest
+import torch
+import yaml
+from pretrain_helpers import REPO
+
+from benchmarks.toy_tasks import CAPTION_PROMPT, QA_POST_PROMPT, toy_docs
+from benchmarks.toy_task_fns import doc_to_text
+from vilex.cli.main import main as vilex_main
+from vilex.config import load_config, to_dict
+from vilex.errors import DataError, UserError
+from vilex.toy.generate import generate_dataset
+from vilex.toy.pretrain_llm import LLMPretrainConfig, pretrain_llm
+from vilex.toy.vlm_data import chance_levels, write_vlm_data
+from vlm.config import VLMConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOY_CONFIGS = {"toy_siglip.yaml": ("siglip", "runs/toy/vlm/siglip"),
+               "toy_vilex.yaml": ("vilex", "runs/toy/vlm/vilex"),
+               "toy_vilex-tokens.yaml": ("vilex_tokens", "runs/toy/vlm/vilex_tokens")}
+
+
+def _tiny_llm_config() -> LLMPretrainConfig:
+    cfg = load_config(LLMPretrainConfig, REPO / "configs" / "toy" / "llm.yaml", [
+        "model.width=32", "model.layers=1", "model.heads=2", "model.kv_heads=1", "model.intermediate=64",
+        "tokenizer.corpus_steps=4", "data.scenes_per_step=6", "train.steps=6", "train.warmup_steps=1",
+        "train.log_every=2", "train.pack_length=256", "eval_scenes=6", "eval_questions=6"])
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy_llm") / "llm"
+    metrics = pretrain_llm(_tiny_llm_config(), out)
+    return out, metrics
+
+
+@pytest.fixture(scope="module")
+def toy_split(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy_data") / "data"
+    generate_dataset(root, n=12, seed=3, size=16, splits="train=0.5,test=0.5")
+    return root
+
+
+def test_pretrain_llm_writes_a_loadable_chat_model(tiny_llm):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, metrics = tiny_llm
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.tie_word_embeddings
+    # spare embedding rows for the VLM's <image> token; generation stops at the end of an assistant turn
+    assert model.get_input_embeddings().num_embeddings == len(tok) + 8
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert im_end != tok.unk_token_id and set(model.generation_config.eos_token_id) == {im_end, tok.eos_token_id}
+    text = tok.apply_chat_template([{"role": "user", "content": "how many objects are there?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhow many objects "
+                    "are there?<|im_end|>\n<|im_start|>assistant\n")
+    # the chat-template's fixed text was in the BPE corpus: whole words, not bytes
+    assert len(tok("You are a helpful assistant.", add_special_tokens=False)["input_ids"]) <= 6
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    out_ids = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    assert out_ids.shape[1] > ids.shape[1]
+
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["asset"] == "llm" and recipe["config"]["train"]["steps"] == 6
+    held = recipe["metrics"]["heldout"]
+    assert held == metrics["heldout"] and 0 < held["loss"] < 7 and held["perplexity"] == pytest.approx(
+        torch.tensor(held["loss"]).exp().item(), rel=1e-3)
+    curve = [c["loss"] for c in metrics["loss_curve"]]
+    assert metrics["steps_done"] == 6 and curve[-1] < curve[0]
+    assert sum(v["n"] for v in metrics["text_qa_heldout"].values()) == 6
+
+
+def test_chance_levels():
+    assert chance_levels(["yes", "no", "no", "no"]) == {"uniform": 0.5, "majority": 0.75}
+
+
+def test_pretrain_llm_cli_help_and_bad_config(capsys):
+    with pytest.raises(SystemExit) as e:
+        vilex_main(["toy", "pretrain-llm", "--help"])
+    assert e.value.code == 0 and "--out" in capsys.readouterr().out
+    assert vilex_main(["toy", "pretrain-llm", "--config", str(REPO / "configs/toy/llm.yaml"),
+                       "--set", "model.heads=3"]) != 0
+    assert "width 128 not divisible by heads 3" in capsys.readouterr().err
+
+
+def test_vlm_data_passes_the_template_label_checks(tiny_llm, toy_split, tmp_path):
+    """align and instruct JSON tokenize through the vlm templates with verified labels; prompts = the eval suite's."""
+    from vlm.data import ConversationDataset, ImageSpec, read_llava_json, validate_all
+    from vlm.model import load_tokenizer
+    from vlm.templates import IGNORE, build_template
+
+    info = write_vlm_data(toy_split / "train", tmp_path, seed=0, caption_prob=1.0, text_only_prob=1.0)
+    rows = [json.loads(x) for x in (toy_split / "train" / "metadata.jsonl").read_text().splitlines()]
+    n = len(rows)
+    assert info["files"]["align"]["samples"] == 2 * n
+    assert info["files"]["instruct"]["samples"] == 3 * n  # qa + caption + text-only per scene at p = 1
+    assert info["files"]["instruct"]["with_image"] == 2 * n
+
+    tok, image_id = load_tokenizer(tiny_llm[0], "<image>")
+    spec = ImageSpec(16, (0.5,) * 3, (0.5,) * 3)
+    for kind in ("align", "instruct"):
+        records = read_llava_json(tmp_path / f"{kind}.json")
+        ds = ConversationDataset(records, tok, build_template(kind, tok, "<image>"), image_spec=spec,
+                                 image_token="<image>", image_token_id=image_id, num_image_tokens=4, max_length=512,
+                                 image_root=toy_split / "train")
+        stats = validate_all(ds)  # raises TemplateMismatchError on any misaligned label
+        assert stats["samples"] == len(records) and stats["truncated"] == 0
+        ex = ds[0]
+        assert ex.pixel_values.shape == (3, 16, 16)
+        learned = tok.decode(ex.tokens.input_ids[1:][ex.tokens.targets[:-1] != IGNORE])
+        if kind == "align":
+            assert learned == rows[0]["caption"] + "<|endoftext|>"
+        else:  # every answer, each followed by the end-of-turn marker, and nothing else
+            answers = [c["value"] for c in records[0]["conversations"][1::2]]
+            assert learned == "".join(f"{a}<|im_end|>\n" for a in answers)
+
+    # the QA / caption prompts are exactly what the lmms-eval toy tasks send (after the plugin puts <image> first)
+    instruct = read_llava_json(tmp_path / "instruct.json")
+    firsts = {r["conversations"][0]["value"] for r in instruct if "image" in r}
+    docs = toy_docs(toy_split / "train")
+    kw = {"pre_prompt": "", "post_prompt": QA_POST_PROMPT}
+    qa_prompts = ["<image>\n" + doc_to_text(d, kw) for name, ds_ in docs.items() if name != "vilex_toy_caption"
+                  for d in ds_]
+    assert firsts <= set(qa_prompts) | {f"<image>\n{CAPTION_PROMPT}"}
+    all_turns = sorted(c["value"].removeprefix("<image>\n") for r in instruct if r["id"].endswith("/qa")
+                       for c in r["conversations"][0::2])
+    assert all_turns == sorted(p.removeprefix("<image>\n") for p in qa_prompts)  # every question, once
+    fine = {r["id"]: r["caption_fine"] for r in rows}
+    text_only = [r for r in instruct if r["id"].endswith("/text")]
+    assert len(text_only) == n and all("image" not in r for r in text_only)
+    assert all(r["conversations"][0]["value"].startswith(fine[r["id"].split("/")[0]] + "\n") for r in text_only)
+
+
+def test_vlm_data_cli_and_errors(toy_split, tmp_path, capsys):
+    assert vilex_main(["toy", "vlm-data", "--split", str(toy_split / "test"), "--out", str(tmp_path / "v"),
+                       "--kind", "align"]) == 0
+    assert json.loads(capsys.readouterr().out)["files"]["align"]["samples"] == 12
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["align.json", "vlm_data.json"]
+    with pytest.raises(DataError, match="no metadata.jsonl"):
+        write_vlm_data(tmp_path, tmp_path / "w")
+    with pytest.raises(UserError, match="text_only_prob must be in"):
+        write_vlm_data(toy_split / "test", tmp_path / "w", text_only_prob=2.0)
+
+
+@pytest.mark.parametrize("name", sorted(TOY_CONFIGS))
+def test_toy_vlm_configs_load_and_validate(name, capsys):
+    path = REPO / "configs" / "vlm" / name
+    cfg = load_config(VLMConfig, path)
+    tower, out = TOY_CONFIGS[name]
+    assert cfg.model.tower.type == tower and str(cfg.output_dir) == out
+    assert cfg.model.llm.name_or_path == "assets/toy/llm" and cfg.model.tower.feature_layer == -2
+    assert (cfg.align.data.template, cfg.instruct.data.template, cfg.instruct.init_from) == ("align", "instruct",
+                                                                                            "previous")
+    assert cfg.align.data.image_root == cfg.instruct.data.image_root
+    assert str(cfg.align.data.json).endswith("align.json") and str(cfg.instruct.data.json).endswith("instruct.json")
+    assert cfg.align.strategy == cfg.instruct.strategy == "torch"
+    # the toy configs differ only in the tower and the output folder
+    base, this = to_dict(load_config(VLMConfig, REPO / "configs/vlm/toy_siglip.yaml")), to_dict(cfg)
+    for d in (base, this):
+        d["model"].pop("tower")
+        d.pop("output_dir")
+    assert this == base
+    # the benchmark sweep evaluates exactly these outputs
+    sweep = yaml.safe_load((REPO / "configs/benchmarks/toy.yaml").read_text())
+    assert sweep["models"][tower] == f"{out}/instruct"
+    for stage in ("align", "instruct"):
+        assert vilex_main(["train-vlm", "--config", str(path), "--stage", stage, "--dry-run"]) == 0
+    assert capsys.readouterr().out.count(f"type: {tower}\n") == 2
+
+
+def test_toy_llm_and_converted_data_train_a_vlm(tiny_llm, toy_split, tmp_path):
+    """The whole toy path at tiny size: pretrain-llm folder + vlm-data JSON + a tiny tower -> align -> instruct, and
+    the trained model answers a prompt built exactly like the eval plugin's."""
+    from vlm.model import VLM
+    from vlm.tiny import build_tiny_siglip_folder
+    from vlm.train import train_vlm
+
+    write_vlm_data(toy_split / "train", tmp_path / "data")
+    siglip = build_tiny_siglip_folder(tmp_path / "siglip", image_size=16)
+    cfg = load_config(VLMConfig, REPO / "configs/vlm/toy_siglip.yaml", [
+        f"model.tower.name_or_path={siglip}", f"model.llm.name_or_path={tiny_llm[0]}",
+        f"align.data.json={tmp_path / 'data/align.json'}", f"instruct.data.json={tmp_path / 'data/instruct.json'}",
+        f"align.data.image_root={toy_split / 'train'}", f"instruct.data.image_root={toy_split / 'train'}",
+        "align.global_batch_size=4", "align.micro_batch_size=4", "instruct.global_batch_size=4",
+        "instruct.micro_batch_size=4", "align.max_steps=2", "instruct.max_steps=2", f"output_dir={tmp_path / 'out'}"])
+    align = train_vlm(cfg, "align")
+    instruct = train_vlm(cfg, "instruct")
+    assert align["steps"] == instruct["steps"] == 2 and instruct["data"]["skipped"] == {}
+    model = VLM.from_checkpoint(tmp_path / "out" / "instruct")
+    ids = model.prompt_ids("how many objects are there?" + QA_POST_PROMPT)
+    assert int((ids == model.image_token_id).sum()) == model.num_image_tokens == 16
+    out = model.generate(ids, torch.zeros(1, 3, 16, 16), max_new_tokens=4)
+    assert 1 <= out.shape[1] <= 4
