@@ -107,7 +107,9 @@ def checkpoint_hash(path: str | Path) -> str:
     h = hashlib.sha256(folder_hash(path).encode() if path.is_dir() else path.read_bytes())
     meta = path / "vlm_config.json"
     if meta.is_file():
-        model = json.loads(meta.read_text()).get("model", {})
+        from vlm.config import resolve_relative_references
+
+        model = resolve_relative_references(json.loads(meta.read_text()).get("model", {}), path)
         refs = [model.get(s, {}).get(k) for s, k in (("tower", "name_or_path"), ("llm", "name_or_path"))]
         for ref in refs:
             if ref and Path(ref).is_dir():

@@ -198,3 +198,33 @@ def test_toy_llm_and_converted_data_train_a_vlm(tiny_llm, toy_split, tmp_path):
     assert int((ids == model.image_token_id).sum()) == model.num_image_tokens == 16
     out = model.generate(ids, torch.zeros(1, 3, 16, 16), max_new_tokens=4)
     assert 1 <= out.shape[1] <= 4
+
+
+def test_ship_vlm_drops_training_state_and_loads_from_another_directory(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    from benchmarks.sweep import checkpoint_hash
+    from benchmarks.tiny import build_tiny_vlm_checkpoints
+    from vilex.cli.main import main
+    from vlm.model import VLM
+
+    (saved,) = build_tiny_vlm_checkpoints(tmp_path / "w", seeds=(0,))
+    ckpt = tmp_path / "run" / "instruct" / "checkpoints" / "checkpoint-7"
+    shutil.copytree(saved, ckpt)
+    (ckpt / "optimizer.pt").write_bytes(b"state")
+    (ckpt / "rank0.pt").write_bytes(b"state")
+    out = tmp_path / "assets" / "vlm" / "tiny"
+    assert main(["toy", "ship-vlm", "--run", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert not (out / "optimizer.pt").exists() and not (out / "rank0.pt").exists()
+    meta = json.loads((out / "vlm_config.json").read_text())
+    tower_ref = meta["model"]["tower"]["name_or_path"]
+    assert tower_ref.startswith("../") and (out / tower_ref).is_dir()
+    assert json.loads((out / "recipe.json").read_text())["metrics"]["checkpoint"] == str(ckpt)
+
+    monkeypatch.chdir(tmp_path / "w")  # relative references resolve against the checkpoint, not the cwd
+    a, b = VLM.from_checkpoint(saved), VLM.from_checkpoint(out)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert checkpoint_hash(out) != checkpoint_hash(saved)  # different folders, but both hash their references

@@ -162,3 +162,22 @@ class VLMConfig:
 def template_for(stage: str, cfg: StageConfig) -> str:
     """The template a stage uses: its own setting, else 'align' for align and 'instruct' otherwise."""
     return cfg.data.template or ("align" if stage == "align" else "instruct")
+
+
+# ---------------------------------------------------------------- references inside a saved checkpoint
+REFERENCE_FIELDS: tuple[tuple[str, str], ...] = (("tower", "name_or_path"), ("llm", "name_or_path"),
+                                                 ("llm", "tokenizer"))
+
+
+def resolve_relative_references(model: dict, checkpoint_dir: str | Path) -> dict:
+    """A saved model config with references written RELATIVE to the checkpoint ("../../siglip/vision", how shipped
+    checkpoints point at the assets beside them) made absolute; absolute paths and hub ids are left as they are.
+
+    Training writes absolute paths; a checkpoint that is moved or shipped rewrites them relative to itself
+    (vilex toy ship-vlm), so it loads from any working directory."""
+    out = {section: dict(values) if isinstance(values, dict) else values for section, values in model.items()}
+    for section, key in REFERENCE_FIELDS:
+        ref = out.get(section, {}).get(key) if isinstance(out.get(section), dict) else None
+        if isinstance(ref, str) and ref.startswith(("./", "../")):
+            out[section][key] = str((Path(checkpoint_dir) / ref).resolve())
+    return out

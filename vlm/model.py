@@ -101,8 +101,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
-    """``vlm_config.json`` of a checkpoint: model config, saved components, image token facts, stage."""
-    return json.loads((Path(path) / CONFIG_FILE).read_text())
+    """``vlm_config.json`` of a checkpoint: model config, saved components, image token facts, stage. References
+    written relative to the checkpoint ("./…", "../…") come back absolute."""
+    from vlm.config import resolve_relative_references
+
+    meta = json.loads((Path(path) / CONFIG_FILE).read_text())
+    meta["model"] = resolve_relative_references(meta["model"], path)
+    return meta
 
 
 def load_module_state(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -1,7 +1,7 @@
 """cli/toy_pretrain_cmd.py — the stage-0 commands of `vilex toy`.
 
 `train-tokenizer`, `train-probe`, `pretrain-siglip`, `pretrain-text-encoder`, `pretrain-decoder`, `gate-decoder`,
-`claims`, `ship-vilex`.
+`claims`, `ship-vilex`, `ship-vlm`.
 
 Stage 0 of the toy world: the project's own tiny stand-ins for the pretrained models it cannot download
 (a BPE tokenizer, a pixel-space T2I decoder, a SigLIP), plus the attribute probe that judges generated
@@ -193,4 +193,20 @@ def _ship_vilex(args: argparse.Namespace) -> int:
 
     metrics = ship_vilex_run(args.run, args.out, args.assets, args.test_split, args.n, args.seed)
     print(json.dumps({"steps_done": metrics["steps_done"], "verdicts": metrics["claims"]["verdicts"]}, indent=2))
+    return 0
+
+
+def _ship_vlm_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="the `vilex train-vlm` output_dir (with align/ and instruct/)")
+    p.add_argument("--out", required=True, help="asset folder to write, e.g. assets/toy/vlm/siglip")
+
+
+@command("ship-vlm", help="ship a finished toy VLM run (instruct checkpoint, no training state, relative references)",
+         group="toy")(_ship_vlm_args)
+def _ship_vlm(args: argparse.Namespace) -> int:
+    from vilex.toy.ship_vlm import ship_vlm_run
+
+    metrics = ship_vlm_run(args.run, args.out)
+    print(json.dumps({k: {"steps": v["steps"], "final_loss": v["final_loss"]} for k, v in metrics["stages"].items()
+                      if v}, indent=2))
     return 0

@@ -1,0 +1,81 @@
+"""toy/ship_vlm.py — ship a finished toy VLM run (align + instruct) as an asset folder (assets/toy/vlm/<tower>).
+
+What is shipped is the instruct stage's last checkpoint WITHOUT its training state (optimizer, RNG/data state):
+``projector/``, ``llm/``, ``tokenizer/``, ``vlm_config.json`` — what ``VLM.from_checkpoint``, the ``vilex_vlm``
+lmms-eval plugin and ``vilex export-hf`` load. Training writes absolute references to the untrained parts (the
+tower, the base LLM); they are rewritten relative to the shipped folder ("../../siglip/vision"), so the asset loads
+from any clone and working directory (vlm.config.resolve_relative_references). ``recipe.json`` records both
+stages' configs, steps, losses and the commit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vilex.errors import UserError
+
+TRAINING_STATE = ("optimizer.pt", "deepspeed")  # plus rank<r>.pt
+
+
+def _is_training_state(name: str) -> bool:
+    return name in TRAINING_STATE or (name.startswith("rank") and name.endswith(".pt"))
+
+
+def relative_references(model: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Absolute local references of a saved model config rewritten relative to ``out`` (hub ids kept)."""
+    from vlm.config import REFERENCE_FIELDS
+
+    model = {k: dict(v) if isinstance(v, dict) else v for k, v in model.items()}
+    for section, key in REFERENCE_FIELDS:
+        ref = model.get(section, {}).get(key)
+        if isinstance(ref, str) and Path(ref).is_absolute() and Path(ref).exists():
+            rel = os.path.relpath(ref, out.resolve())
+            model[section][key] = rel if rel.startswith("..") else "./" + rel
+    return model
+
+
+def _stage_summary(stage_dir: Path) -> dict[str, Any] | None:
+    path = stage_dir / "summary.json"
+    if not path.is_file():
+        return None
+    s = json.loads(path.read_text())
+    losses = s.get("losses", [])
+    k = max(1, len(losses) // 10)
+    return {"steps": s.get("steps"), "final_loss": s.get("final_loss"),
+            "loss_first_10pct": sum(losses[:k]) / k if losses else None,
+            "loss_last_10pct": sum(losses[-k:]) / k if losses else None,
+            "config": yaml.safe_load((stage_dir / "config.yaml").read_text())
+            if (stage_dir / "config.yaml").is_file() else None}
+
+
+def ship_vlm_run(run_dir: str | Path, out: str | Path, stage: str = "instruct") -> dict[str, Any]:
+    """Copy ``run_dir/<stage>``'s last checkpoint (no training state) to ``out`` with relative references and a
+    recipe; returns the recipe's metrics."""
+    from vilex.checkpoint import atomic_dir
+    from vilex.toy.recipe import write_recipe
+    from vlm.model import CONFIG_FILE, resolve_checkpoint
+
+    run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / stage).is_dir():
+        raise UserError(f"{run_dir}: no {stage}/ stage folder (is it a `vilex train-vlm` output_dir?)")
+    ckpt = resolve_checkpoint(run_dir / stage)
+    meta = json.loads((ckpt / CONFIG_FILE).read_text())
+    metrics = {"checkpoint": str(ckpt),
+               "stages": {s: _stage_summary(run_dir / s) for s in ("align", "instruct", "full")
+                          if (run_dir / s).is_dir()}}
+    with atomic_dir(out) as tmp:
+        for item in ckpt.iterdir():
+            if _is_training_state(item.name):
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        meta["model"] = relative_references(meta["model"], out)
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        cfg = (metrics["stages"].get(stage) or {}).get("config") or {}
+        write_recipe(tmp, f"vlm-{meta['model']['tower']['type']}", cfg, int(cfg.get(stage, {}).get("seed", 0) or 0),
+                     0.0, metrics)
+    return metrics
