@@ -27,12 +27,18 @@ def test_demo_end_to_end_with_stand_in_assets(tmp_path):
            "--set", "train.steps=2")
     _vilex("toy", "train-probe", "--config", "configs/toy/probe.yaml", "--out", str(assets / "probe"),
            "--set", "train.steps=2", "--set", "eval_scenes=16")
+    _vilex("toy", "pretrain-llm", "--config", "configs/toy/llm.yaml", "--out", str(assets / "llm"),
+           "--set", "model.width=32", "--set", "model.layers=1", "--set", "model.heads=2", "--set", "model.kv_heads=1",
+           "--set", "model.intermediate=64", "--set", "tokenizer.corpus_steps=4", "--set", "data.scenes_per_step=6",
+           "--set", "train.steps=2", "--set", "train.warmup_steps=1", "--set", "eval_scenes=6",
+           "--set", "eval_questions=6")
     out = tmp_path / "demo"
-    _vilex("demo", "--out", str(out), "--n", "120", "--short-steps", "3", "--eval-scenes", "6",
-           env={"VILEX_TOY_ASSETS": str(assets)})
+    _vilex("demo", "--out", str(out), "--n", "120", "--short-steps", "3", "--eval-scenes", "6", "--vlm-steps", "3",
+           "--suite-docs", "3", env={"VILEX_TOY_ASSETS": str(assets)})
     report = (out / "report.md").read_text()
     for section in ("## Toy dataset", "## Contact sheet", "## Stage 1: short ViLex run (3 steps)",
-                    "## Stage 1 short run: measurements", "## Stage 1: shipped full toy run"):
+                    "## Stage 1 short run: measurements", "## Stage 1: shipped full toy run",
+                    "## Stage 2: short toy VLM run", "## Stage 2: toy VLMs on the toy benchmark suite"):
         assert section in report
     for png in ("contact_sheet.png", "short_run_reconstructions.png", "short_run_compose.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -42,6 +48,10 @@ def test_demo_end_to_end_with_stand_in_assets(tmp_path):
     assert claims["n"] == 6 and set(claims["verdicts"]) >= {"A_psnr_1token_beats_coarse_caption", "B_monotone_psnr"}
     table_rows = [l for l in report.splitlines() if l.startswith("| ViLex, ")]
     assert len(table_rows) == 3 and all(len(r.split("|")) == 12 for r in table_rows)
+    # stage 2: the short VLM run (no VLM is shipped in the stand-in assets) on all six toy tasks, via lmms-eval
+    suite_rows = [l for l in report.splitlines() if l.startswith("| vilex_toy_")]
+    assert len(suite_rows) == 6 and "siglip_demo_short_run" in report
+    assert (out / "toy_suite" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the short run, shipped as the toy ViLex asset would be: pipeline folder + claims + recipe
     shipped = tmp_path / "shipped"

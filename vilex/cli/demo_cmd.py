@@ -27,7 +27,7 @@ from vilex.cli.main import command
 log = logging.getLogger(__name__)
 
 # Modules whose import registers further demo steps (later stages append theirs here).
-DEMO_STEP_MODULES: list[str] = ["vilex.toy.demo_stage1"]
+DEMO_STEP_MODULES: list[str] = ["vilex.toy.demo_stage1", "vilex.toy.demo_stage2"]
 
 
 @dataclass
@@ -136,6 +136,10 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--short-batch", type=int, default=16, help="batch of the short stage-1 run (default 16)")
     p.add_argument("--eval-scenes", type=int, default=32,
                    help="held-out scenes per stage-1 measurement (default 32; 0 = skip the shipped-run section)")
+    p.add_argument("--vlm-steps", type=int, default=60,
+                   help="instruct steps of the short stage-2 VLM run (align gets a third; default 60, 0 = skip)")
+    p.add_argument("--suite-docs", type=int, default=40,
+                   help="docs per toy-suite task for the shipped toy VLMs (default 40, 0 = skip)")
 
 
 @command("demo", help="run the demo on the toy world and write OUT/report.md")(_configure)
