@@ -228,3 +228,22 @@ def test_ship_vlm_drops_training_state_and_loads_from_another_directory(tmp_path
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert checkpoint_hash(out) != checkpoint_hash(saved)  # different folders, but both hash their references
+
+    # the trained LLM can be stored in bf16 (half the bytes); it loads in its configured dtype
+    llm_ckpt = ckpt.parent / "checkpoint-8"
+    shutil.copytree(ckpt, llm_ckpt)
+    a.llm.save_pretrained(str(llm_ckpt / "llm"))
+    meta = json.loads((llm_ckpt / "vlm_config.json").read_text())
+    meta["components"] = ["projector", "llm"]
+    (llm_ckpt / "vlm_config.json").write_text(json.dumps(meta))
+    half = tmp_path / "assets" / "vlm" / "half"
+    assert main(["toy", "ship-vlm", "--run", str(tmp_path / "run"), "--out", str(half),
+                 "--llm-storage-dtype", "bfloat16"]) == 0
+    from safetensors.torch import load_file
+
+    stored = load_file(str(half / "llm" / "model.safetensors"))
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.bfloat16}
+    c = VLM.from_checkpoint(half)
+    assert next(c.llm.parameters()).dtype == torch.float32
+    ref = {k: v.to(torch.bfloat16).float() for k, v in a.llm.state_dict().items()}
+    assert all(torch.equal(v, ref[k]) for k, v in c.llm.state_dict().items())

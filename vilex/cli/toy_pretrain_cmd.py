@@ -199,6 +199,8 @@ def _ship_vilex(args: argparse.Namespace) -> int:
 def _ship_vlm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="the `vilex train-vlm` output_dir (with align/ and instruct/)")
     p.add_argument("--out", required=True, help="asset folder to write, e.g. assets/toy/vlm/siglip")
+    p.add_argument("--llm-storage-dtype", choices=["bfloat16", "float16"], default=None,
+                   help="store the trained LLM's weights in this dtype (half the bytes; loads in its configured dtype)")
 
 
 @command("ship-vlm", help="ship a finished toy VLM run (instruct checkpoint, no training state, relative references)",
@@ -206,7 +208,7 @@ def _ship_vlm_args(p: argparse.ArgumentParser) -> None:
 def _ship_vlm(args: argparse.Namespace) -> int:
     from vilex.toy.ship_vlm import ship_vlm_run
 
-    metrics = ship_vlm_run(args.run, args.out)
+    metrics = ship_vlm_run(args.run, args.out, llm_storage_dtype=args.llm_storage_dtype)
     print(json.dumps({k: {"steps": v["steps"], "final_loss": v["final_loss"]} for k, v in metrics["stages"].items()
                       if v}, indent=2))
     return 0

@@ -53,9 +53,23 @@ def _stage_summary(stage_dir: Path) -> dict[str, Any] | None:
             if (stage_dir / "config.yaml").is_file() else None}
 
 
-def ship_vlm_run(run_dir: str | Path, out: str | Path, stage: str = "instruct") -> dict[str, Any]:
+def _store_weights_as(folder: Path, dtype_name: str) -> None:
+    """Rewrite the floating-point tensors of every ``*.safetensors`` under ``folder`` in ``dtype_name``."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
+    for path in folder.rglob("*.safetensors"):
+        tensors = load_file(str(path))
+        save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, str(path),
+                  metadata={"format": "pt"})
+
+
+def ship_vlm_run(run_dir: str | Path, out: str | Path, stage: str = "instruct",
+                 llm_storage_dtype: str | None = None) -> dict[str, Any]:
     """Copy ``run_dir/<stage>``'s last checkpoint (no training state) to ``out`` with relative references and a
-    recipe; returns the recipe's metrics."""
+    recipe; returns the recipe's metrics. ``llm_storage_dtype`` ("bfloat16") stores the trained LLM's weights in
+    half the bytes (the model still loads in its configured dtype; evaluate the shipped folder, not the run)."""
     from vilex.checkpoint import atomic_dir
     from vilex.toy.recipe import write_recipe
     from vlm.model import CONFIG_FILE, resolve_checkpoint
@@ -65,7 +79,7 @@ def ship_vlm_run(run_dir: str | Path, out: str | Path, stage: str = "instruct") 
         raise UserError(f"{run_dir}: no {stage}/ stage folder (is it a `vilex train-vlm` output_dir?)")
     ckpt = resolve_checkpoint(run_dir / stage)
     meta = json.loads((ckpt / CONFIG_FILE).read_text())
-    metrics = {"checkpoint": str(ckpt),
+    metrics = {"checkpoint": str(ckpt), "llm_storage_dtype": llm_storage_dtype or "as trained",
                "stages": {s: _stage_summary(run_dir / s) for s in ("align", "instruct", "full")
                           if (run_dir / s).is_dir()}}
     with atomic_dir(out) as tmp:
@@ -73,6 +87,8 @@ def ship_vlm_run(run_dir: str | Path, out: str | Path, stage: str = "instruct") 
             if _is_training_state(item.name):
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        if llm_storage_dtype and (tmp / "llm").is_dir():
+            _store_weights_as(tmp / "llm", llm_storage_dtype)
         meta["model"] = relative_references(meta["model"], out)
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         cfg = (metrics["stages"].get(stage) or {}).get("config") or {}
