@@ -364,7 +364,8 @@ def test_contact_sheet_places_upscaled_images_and_captions():
 
 def test_demo_writes_data_sheet_stats_and_report(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--n", "24", "--short-steps", "0", "--eval-scenes", "0"]) == 0
+    assert main(["demo", "--out", str(out), "--n", "24", "--short-steps", "0", "--eval-scenes", "0",
+                 "--vlm-steps", "2", "--suite-docs", "0"]) == 0
     assert (out / "data" / "train" / "metadata.jsonl").is_file()
     stats = json.loads((out / "dataset_stats.json").read_text())
     assert stats == json.loads((out / "data" / "dataset_stats.json").read_text())
@@ -374,5 +375,7 @@ def test_demo_writes_data_sheet_stats_and_report(tmp_path):
     assert report.startswith("# ViLex demo report")
     assert "![contact sheet](contact_sheet.png)" in report
     assert "| scenes | 24 |" in report
-    assert main(["demo", "--out", str(out), "--n", "24", "--short-steps", "0",
-                 "--eval-scenes", "0"]) == 0  # re-running replaces its own data
+    # stage 2's short VLM run fits its batches to a tiny dataset (19 training scenes) and reports its losses
+    assert "| align | 1 | 38 |" in report and "| instruct | 2 |" in report
+    assert main(["demo", "--out", str(out), "--n", "24", "--short-steps", "0", "--eval-scenes", "0",
+                 "--vlm-steps", "0", "--suite-docs", "0"]) == 0  # re-running replaces its own data

@@ -23,12 +23,18 @@ TOY_VLM_CONFIG = REPO / "configs" / "vlm" / "toy_siglip.yaml"
 SHIPPED_TOWERS = ("siglip", "vilex", "vilex_tokens")  # assets/toy/vlm/<name>; the first is the report's baseline
 
 
-def _short_run_config(ctx: DemoContext, data: Path, out: Path, steps: int):
+def _short_run_config(ctx: DemoContext, data: Path, out: Path, steps: int, samples: dict[str, int]):
+    """configs/vlm/toy_siglip.yaml on the demo data; a batch larger than a small demo dataset is cut to fit."""
     from vilex.config import load_config
     from vlm.config import VLMConfig
 
     align_steps = max(1, steps // 3)
-    return load_config(VLMConfig, TOY_VLM_CONFIG, [
+    base = load_config(VLMConfig, TOY_VLM_CONFIG)
+    batches = []
+    for stage in ("align", "instruct"):
+        b = min(base.stage(stage).global_batch_size, samples[stage])
+        batches += [f"{stage}.global_batch_size={b}", f"{stage}.micro_batch_size={b}"]
+    return load_config(VLMConfig, TOY_VLM_CONFIG, batches + [
         f"model.tower.name_or_path={ASSETS / 'siglip' / 'vision'}", f"model.llm.name_or_path={ASSETS / 'llm'}",
         f"align.data.json={data / 'align.json'}", f"align.data.image_root={ctx.artifacts['toy_data'] / 'train'}",
         f"instruct.data.json={data / 'instruct.json'}",
@@ -57,7 +63,7 @@ def step_vlm_short_run(ctx: DemoContext) -> None:
     data = ctx.out / "vlm_data"
     info = write_vlm_data(ctx.artifacts["toy_data"] / "train", data)
     out = ctx.out / "vlm_short"
-    cfg = _short_run_config(ctx, data, out, steps)
+    cfg = _short_run_config(ctx, data, out, steps, {k: v["samples"] for k, v in info["files"].items()})
     rows = []
     for stage in ("align", "instruct"):
         summary = train_vlm(cfg, stage, resume="auto")
