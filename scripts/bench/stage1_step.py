@@ -38,7 +38,7 @@ def build_world(root: Path) -> Path:
     return root
 
 
-def make_config(root: Path, out: Path, batch: int, ours: bool):
+def make_config(root: Path, out: Path, batch: int, ours: bool, precision: str = "bf16"):
     from vilex.config import load_config
     from vilex.train.config import PretrainConfig
 
@@ -48,9 +48,9 @@ def make_config(root: Path, out: Path, batch: int, ours: bool):
         f"model.vit.init={json.dumps(vit)}", "model.vit.type=siglip",
         "model.pooler.num_tokens=16", "model.pooler.depth=2", "model.pooler.heads=4", "model.pooler.width=256",
         f"model.decoder.name_or_path={root / 'decoder'}", "model.decoder.type=stable_diffusion",
-        f"model.decoder.dtype={'bfloat16' if ours else 'float32'}", f"model.decoder.channels_last={str(ours).lower()}",
+        f"model.decoder.dtype={'bfloat16' if ours and precision == 'bf16' else 'float32'}", f"model.decoder.channels_last={str(ours).lower()}",
         f"data.train.path={root / 'data' / 'train'}", f"train.output_dir={out}", f"train.micro_batch_size={batch}",
-        f"train.precision={'bf16' if ours else 'fp32'}", "train.max_steps=1000000", "val.every=1000000",
+        f"train.precision={precision if ours else 'fp32'}", "train.max_steps=1000000", "val.every=1000000",
         "train.checkpoint_every=1000000", "log.tensorboard=false", f"latent_cache.enabled={str(ours).lower()}",
         f"latent_cache.dir={root / 'latent_cache'}", "train.log_every=1000000",
     ]
@@ -122,6 +122,8 @@ def main() -> None:
     p.add_argument("--root", type=Path, default=Path("runs/bench/stage1_world"))
     p.add_argument("--out", type=Path, default=Path("runs/bench/stage1_step.json"))
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--ours-fp32", action="store_true",
+                   help="also time our step in fp32 (latent cache, no autocast): bf16 does not pay on every CPU")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,14 +132,17 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     root = build_world(args.root)
     with tempfile.TemporaryDirectory() as tmp:
-        naive = Naive(make_config(root, Path(tmp) / "naive", args.batch, ours=False))
-        ours = Ours(make_config(root, Path(tmp) / "ours", args.batch, ours=True))
-        for r in (naive, ours):  # warm-up (allocator, kernels, latent cache already built in setup)
+        runners = {"naive": Naive(make_config(root, Path(tmp) / "naive", args.batch, ours=False)),
+                   "ours": Ours(make_config(root, Path(tmp) / "ours", args.batch, ours=True))}
+        if args.ours_fp32:
+            runners["ours_fp32"] = Ours(make_config(root, Path(tmp) / "ours32", args.batch, ours=True,
+                                                    precision="fp32"))
+        for r in runners.values():  # warm-up (allocator, kernels, latent cache already built in setup)
             time_steps(r, 2)
-        times = {"naive": [], "ours": []}
-        for _ in range(args.rounds):
-            times["naive"] += time_steps(naive, args.steps)
-            times["ours"] += time_steps(ours, args.steps)
+        times = {k: [] for k in runners}
+        for _ in range(args.rounds):  # arms alternate, so a load change hits all of them
+            for k, r in runners.items():
+                times[k] += time_steps(r, args.steps)
     med = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
     cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
     result = {
@@ -150,11 +155,19 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"{'arm':8} {'wall s/step':>12} {'img/s':>8} {'cpu s/step':>11}")
-    for arm in ("naive", "ours"):
-        print(f"{arm:8} {med[arm]:12.3f} {args.batch / med[arm]:8.2f} {cpu[arm]:11.3f}")
+    if "ours_fp32" in med:
+        result.update({"ours_fp32_s_per_step": med["ours_fp32"], "ours_fp32_cpu_s_per_step": cpu["ours_fp32"],
+                       "speedup_fp32": med["naive"] / med["ours_fp32"],
+                       "speedup_fp32_cpu_time": cpu["naive"] / cpu["ours_fp32"]})
+        args.out.write_text(json.dumps(result, indent=2))
+    print(f"{'arm':10} {'wall s/step':>12} {'img/s':>8} {'cpu s/step':>11}")
+    for arm in med:
+        print(f"{arm:10} {med[arm]:12.3f} {args.batch / med[arm]:8.2f} {cpu[arm]:11.3f}")
     print(f"speedup (naive / ours): {result['speedup']:.2f}x wall, {result['speedup_cpu_time']:.2f}x CPU time   "
           f"[{result['device']}, batch {args.batch}]")
+    if "ours_fp32" in med:
+        print(f"speedup (naive / ours fp32): {result['speedup_fp32']:.2f}x wall, "
+              f"{result['speedup_fp32_cpu_time']:.2f}x CPU time")
 
 
 if __name__ == "__main__":
