@@ -162,13 +162,20 @@ def retrieval_accuracy(model: Any, tokenizer: Any, images: torch.Tensor, texts: 
     """Image->caption top-k accuracy (a hit = a retrieved caption equal to the image's own) and chance."""
     ids = tokenize_padded(tokenizer, texts, max_length)
     out = model(input_ids=ids, pixel_values=images)
-    ranking = out.logits_per_image.argsort(dim=-1, descending=True)
+    result = topk_caption_hits(out.logits_per_image, texts, ks)
+    result["distinct_captions"] = len(set(texts))
+    return result
+
+
+def topk_caption_hits(logits: torch.Tensor, texts: Sequence[str], ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy of a square retrieval (row i's own item is i, in either direction) where a hit is any retrieved
+    item whose caption text equals row i's, with the matching chance levels; plus ``n``."""
+    ranking = logits.argsort(dim=-1, descending=True)
     result: dict[str, float] = {}
     for k in ks:
         hits = [any(texts[j] == texts[i] for j in ranking[i, :k].tolist()) for i in range(len(texts))]
         result[f"top{k}"] = round(float(np.mean(hits)), 4)
         result[f"chance_top{k}"] = round(retrieval_chance(texts, k), 4)
-    result["distinct_captions"] = len(set(texts))
     result["n"] = len(texts)
     return result
 

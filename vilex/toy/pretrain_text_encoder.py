@@ -38,7 +38,7 @@ from vilex.config import cfg_field, to_dict
 from vilex.errors import UserError
 from vilex.toy import world
 from vilex.toy.pretrain_decoder import TextEncoderSpec, build_text_encoder, encode_prompts
-from vilex.toy.pretrain_siglip import retrieval_chance
+from vilex.toy.pretrain_siglip import topk_caption_hits
 from vilex.toy.probe import warmup_cosine
 from vilex.toy.recipe import (
     SceneBatches,
@@ -156,15 +156,7 @@ def image_features(tower: Any, images: torch.Tensor) -> torch.Tensor:
 def caption_to_image_retrieval(model: LockedImageText, tokenizer: Any, image_emb: torch.Tensor,
                                texts: Sequence[str], ks: Sequence[int] = (1, 5)) -> dict[str, float]:
     """Caption -> image top-k (a hit = an image whose own caption equals the query text), with chance."""
-    logits = model.logits(model.embed(tokenizer, texts), image_emb)
-    ranking = logits.argsort(dim=-1, descending=True)
-    result: dict[str, float] = {}
-    for k in ks:
-        hits = [any(texts[j] == texts[i] for j in ranking[i, :k].tolist()) for i in range(len(texts))]
-        result[f"top{k}"] = round(float(np.mean(hits)), 4)
-        result[f"chance_top{k}"] = round(retrieval_chance(texts, k), 4)
-    result["n"] = len(texts)
-    return result
+    return topk_caption_hits(model.logits(model.embed(tokenizer, texts), image_emb), texts, ks)
 
 
 def evaluate_text_encoder(model: LockedImageText, tower: Any, tokenizer: Any, seed: int, n: int,
