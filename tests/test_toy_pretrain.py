@@ -170,7 +170,10 @@ def test_pretrain_decoder_writes_a_pixel_unet_folder_that_vilex_loads(tmp_path, 
     text_encoder = CLIPTextModel.from_pretrained(str(out / "text_encoder"))
     tokenizer = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
     assert text_encoder.config.vocab_size == len(tokenizer) and unet.config.cross_attention_dim == 32
-    assert DDPMScheduler.from_pretrained(str(out / "scheduler")).config.prediction_type == "v_prediction"
+    scheduler = DDPMScheduler.from_pretrained(str(out / "scheduler"))
+    assert scheduler.config.prediction_type == "v_prediction"
+    # the sampling settings every sampler built from this config inherits (see NoiseSpec)
+    assert scheduler.config.timestep_spacing == "trailing" and scheduler.config.clip_sample is False
     index = json.loads((out / "model_index.json").read_text())
     assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and "vae" not in index
 
@@ -217,6 +220,38 @@ def test_pretrain_decoder_resume_continues_from_the_saved_step(tmp_path, toy_tok
     a = load_file(str(tmp_path / "straight" / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_warm_start_fine_tune_loads_the_unet_and_scales_the_text_encoder_lr(tmp_path, toy_tokenizer, tiny_probe,
+                                                                             capsys):
+    from safetensors.torch import load_file
+
+    no_gate = ["--set", "gate.enabled=false"]
+    first = tmp_path / "first"
+    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, first, "--set", "train.steps=2", *no_gate) == 0
+    start_unet = load_file(str(first / "unet" / "diffusion_pytorch_model.safetensors"))
+    start_te = load_file(str(first / "text_encoder" / "model.safetensors"))
+
+    tuned = tmp_path / "tuned"
+    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, tuned, "--set", "train.steps=2", *no_gate,
+                        "--set", f"work_dir={tmp_path / 'work2'}", "--set", f"init_unet={first}",
+                        "--set", f"text_encoder.pretrained={first / 'text_encoder'}",
+                        "--set", "text_encoder.trainable=true", "--set", "text_encoder.lr_scale=1e-20",
+                        "--set", "train.lr=1e-2", "--set", "train.warmup_steps=0", "--set", "train.ema_decay=0.5") == 0
+    unet = load_file(str(tuned / "unet" / "diffusion_pytorch_model.safetensors"))
+    te = load_file(str(tuned / "text_encoder" / "model.safetensors"))
+    # the UNet started from `first` (same keys, moved by a bounded amount), the text encoder barely moved at all
+    assert unet.keys() == start_unet.keys()
+    drift = max(float((unet[k] - start_unet[k]).abs().max()) for k in unet)
+    assert 1e-4 < drift < 0.1
+    assert all(torch.allclose(te[k], start_te[k], atol=1e-12) for k in te)
+
+    # a warm start from a UNet of another shape is refused in one line
+    capsys.readouterr()
+    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, tmp_path / "bad", "--set", "train.steps=1", *no_gate,
+                        "--set", f"init_unet={first}", "--set", "unet.block_out_channels=[16,32]") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"error: init_unet {first}: its UNet differs")
 
 
 def test_pretrain_decoder_without_a_probe_fails_in_one_line(tmp_path, toy_tokenizer, capsys):
