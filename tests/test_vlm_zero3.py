@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-3, 2 CPU processes (gloo), launched for real: the instruct stage starts from a pretrained projector
-(loaded before deepspeed.initialize), its first loss equals the single-process forward of the same model on the same
+(loaded before deepspeed.initialize), the LLM and tower are built already partitioned (zero.Init), its first loss equals the single-process forward of the same model on the same
 samples, and the checkpoint's projector/ and llm/ (gathered from the ZeRO-3 partitions) load on their own."""
 import json
 
@@ -58,6 +58,12 @@ def test_zero3_two_processes_load_pretrained_projector_and_match_single_process(
     assert done.returncode == 0, done.stderr[-4000:]
     result = summary(tmp_path / "run" / "instruct")
     assert result["steps"] == 2 and result["data"]["samples"] == 8  # both ranks' samples counted
+    # the LLM and the SigLIP tower were partitioned as from_pretrained built them (zero.Init through transformers'
+    # HfDeepSpeedConfig), not materialised whole on each rank first; our own small projector is partitioned later
+    # by deepspeed.initialize
+    n_params = {name: sum(1 for _ in m.parameters()) for name, m in VLM.build(cfg.model).components().items()}
+    built = result["params_partitioned_at_build"]
+    assert built["llm"] == n_params["llm"] > 0 and built["tower"] == n_params["tower"] > 0 and built["projector"] == 0
 
     expected = _expected_first_loss(cfg, pretrained)
     assert result["losses"][0] == pytest.approx(expected, rel=1e-5)

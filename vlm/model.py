@@ -239,12 +239,19 @@ class VLM(nn.Module):
         self.trained = tuple(c for c in COMPONENTS if c in components)
         self.log_components()
 
+    def components(self) -> dict[str, nn.Module]:
+        """The three components by name (COMPONENTS order)."""
+        return {"tower": self.tower, "projector": self.projectors, "llm": self.llm}
+
     def log_components(self) -> None:
-        """One line per component: trainable or frozen, and how many parameters."""
-        for name in COMPONENTS:
-            module = {"tower": self.tower, "projector": self.projectors, "llm": self.llm}[name]
-            total = sum(p.numel() for p in module.parameters())
-            trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        """One line per component: trainable or frozen, and how many parameters (full sizes, also when ZeRO-3 has
+        partitioned them)."""
+        def numel(p: nn.Parameter) -> int:
+            return int(getattr(p, "ds_numel", p.numel()))
+
+        for name, module in self.components().items():
+            total = sum(numel(p) for p in module.parameters())
+            trainable = sum(numel(p) for p in module.parameters() if p.requires_grad)
             state = "trainable" if trainable else "frozen"
             log.info("%-9s %-9s %15s params (%s trainable)", name, state, f"{total:,}", f"{trainable:,}")
 

@@ -136,7 +136,10 @@ class VLMTrainer:
         D.init_process_group_if_needed()
         seed_everything(sc.seed)  # identical projector init on every rank
         weights_from = self.resume_from or resolve_init_from(self.cfg, self.stage, sc.init_from)
-        self.model = VLM.build(self.cfg.model, weights_from=weights_from)
+        with self.strategy.construction_context():  # ZeRO-3: the LLM and tower are partitioned as they load
+            self.model = VLM.build(self.cfg.model, weights_from=weights_from)
+        self.partitioned_at_build = {name: sum(hasattr(p, "ds_id") for p in module.parameters())
+                                     for name, module in self.model.components().items()}
         self.model.set_trainable(sc.trainable or STAGE_TRAINS[self.stage])
         self.keep_components = tuple(dict.fromkeys([*self.model.trained, *self.model.loaded_components]))
 
@@ -309,7 +312,8 @@ class VLMTrainer:
              else None, "losses": self.state.losses, "nonfinite_skipped": self.state.nonfinite_total,
              "data": {**data, "skipped": {r: int(n) for r, n in zip(reasons, skipped)},
                       "padding_fraction": 1 - data["real_tokens"] / max(1, data["padded_tokens"])},
-             "checkpoint": str(self.ckpts.latest()) if self.ckpts.latest() else None}
+             "checkpoint": str(self.ckpts.latest()) if self.ckpts.latest() else None,
+             "params_partitioned_at_build": self.partitioned_at_build}
         if self.strategy.is_main:
             (self.out / "summary.json").write_text(json.dumps(s, indent=2, default=str))
             if self.writer is not None:

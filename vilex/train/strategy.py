@@ -17,6 +17,8 @@ it two ``torchrun`` workers each became a 1-process DeepSpeed world — measured
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 from dataclasses import dataclass
@@ -75,6 +77,12 @@ class Strategy:
     def autocast(self):
         enabled = self.precision == "bf16" and self.name == "torch"
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def construction_context(self) -> contextlib.AbstractContextManager:
+        """Enter while building the model. Plain strategies: nothing. DeepSpeed ZeRO-3: Hugging Face models built
+        inside (``from_pretrained``) are partitioned as they are created (``zero.Init``), so no rank ever holds a full
+        copy of the LLM."""
+        return contextlib.nullcontext()
 
     # --- to implement
     def prepare(self, module: nn.Module, param_groups: list[dict], lr_lambda: Callable[[int], float],
@@ -174,6 +182,23 @@ class DeepSpeedStrategy(Strategy):
     def __init__(self, *args, deepspeed_config: Path, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.config_path = Path(deepspeed_config)
+        self._hf_ds_config = None  # kept alive for the run: transformers reads ZeRO-3 from it (a weak reference)
+
+    @contextlib.contextmanager
+    def construction_context(self):
+        ds_cfg = fill_deepspeed_config(self.config_path, self.micro_batch, self.grad_accum, self.world_size,
+                                       self.grad_clip, self.precision, {})
+        if ds_cfg.get("zero_optimization", {}).get("stage", 0) != 3:
+            yield
+            return
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        if not torch.cuda.is_available():
+            D.skip_deepspeed_shm_build()
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self._hf_ds_config = HfDeepSpeedConfig(ds_cfg)  # from_pretrained now builds under deepspeed.zero.Init
+        yield
 
     def prepare(self, module, param_groups, lr_lambda, optim_kwargs) -> None:
         import deepspeed
