@@ -60,6 +60,34 @@ def test_tiny_config_trains_loss_goes_down(pixel_world, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 30
 
 
+def test_math_attention_backend_changes_the_kernel_not_the_step(sd_world, tmp_path):
+    """train.attention_backend=math: the step's SDPA calls use the unfused kernels, with the same loss as auto."""
+    seen = {}
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if out.grad_fn is not None:
+            seen.setdefault(backend, set()).add(type(out.grad_fn).__name__)
+        return out
+
+    losses = {}
+    for backend in ("auto", "math"):
+        trainer = Pretrainer(_cfg(sd_world, tmp_path / backend, "train.max_steps=1", "latent_cache.enabled=false",
+                                  "model.taildrop.prob=0", f"train.attention_backend={backend}"))
+        trainer.setup()
+        batch = next(iter(trainer.loader))
+        torch.nn.functional.scaled_dot_product_attention = spy
+        try:
+            trainer.generator.manual_seed(0)
+            losses[backend] = float(trainer.micro_step(batch).detach())
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = original
+    assert any("Flash" in name for name in seen["auto"])  # torch's fused CPU kernel by default
+    assert seen["math"] and not any("Flash" in name or "Efficient" in name for name in seen["math"])
+    assert losses["math"] == pytest.approx(losses["auto"], rel=1e-4)
+
+
 def test_latent_cache_hit_miss_and_invalidation(sd_world, tmp_path):
     from vilex.models import build_vilex_model
     from vilex.train import latent_cache as lc

@@ -57,7 +57,23 @@ def test_packed_rows_restart_positions_and_keep_image_order(setup):
     assert batch.pixel_values.shape[0] == sum(e.pixel_values is not None for e in examples)
 
 
-def test_packed_loss_and_gradients_equal_unpacked(setup):
+@pytest.fixture(params=["sdpa_varlen", "sdpa"])
+def attn(request, setup):
+    """Both attention paths: ours (one sdpa call per packed sample) and transformers' sdpa (block-diagonal mask)."""
+    vlm, _ = setup
+    before = vlm.llm.config._attn_implementation
+    vlm.llm.set_attn_implementation(request.param)
+    yield request.param
+    vlm.llm.set_attn_implementation(before)
+
+
+def test_packed_loss_and_gradients_equal_unpacked(setup, attn, monkeypatch):
+    from vlm import varlen_attention
+
+    calls = []
+    real = varlen_attention.varlen_sdpa
+    monkeypatch.setattr(varlen_attention, "varlen_sdpa", lambda q, k, v, lengths, *a: calls.append(lengths) or
+                        real(q, k, v, lengths, *a))
     vlm, examples = setup
     assert any(e.pixel_values is None for e in examples) and any(e.pixel_values is not None for e in examples)
     pad_id = vlm.tokenizer.pad_token_id
@@ -65,7 +81,15 @@ def test_packed_loss_and_gradients_equal_unpacked(setup):
     packed = Collator(pad_id, packing=True, row_length=200)(examples)
     assert packed.padded_tokens < padded.padded_tokens
     loss_u, grads_u = _loss_and_grads(vlm, padded)
+    assert not calls  # a padded batch (2D mask) takes transformers' sdpa path in either case
     loss_p, grads_p = _loss_and_grads(vlm, packed)
+    if attn == "sdpa_varlen":  # one call per layer, split at the samples' boundaries
+        n_layers = vlm.llm.config.num_hidden_layers
+        assert len(calls) == n_layers and sum(len(r) for r in calls[0]) >= len(examples)
+        assert calls[0] == [[int(n) for n in torch.diff(torch.nonzero(torch.cat([row == 0, torch.tensor([True])]))
+                                                            .flatten())] for row in packed.position_ids]
+    else:
+        assert not calls
     torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=1e-6)
     assert grads_u.keys() == grads_p.keys() and len(grads_u) > 10
     for name in grads_u:
@@ -118,3 +142,28 @@ def test_text_only_and_empty_micro_batches_keep_every_trainable_parameter_in_the
     with torch.no_grad():
         assert float(vlm(**empty.model_inputs("cpu"))["loss"]) == 0.0
     assert all(float(p.grad.abs().sum()) == 0 for p in vlm.projectors.parameters())  # the zero image adds nothing
+
+
+def test_sdpa_varlen_generation_falls_back_to_sdpa_and_matches_it(setup):
+    """With a KV cache (query shorter than keys) the varlen path hands over to sdpa: greedy outputs are identical."""
+    vlm, examples = setup
+    with_image = next(e for e in examples if e.pixel_values is not None)
+    ids, pixels = with_image.tokens.input_ids.unsqueeze(0), with_image.pixel_values[None]
+    before = vlm.llm.config._attn_implementation
+    outs = {}
+    try:
+        for impl in ("sdpa", "sdpa_varlen"):
+            vlm.llm.set_attn_implementation(impl)
+            with torch.no_grad():
+                outs[impl] = vlm.generate(ids, pixel_values=pixels, max_new_tokens=6)
+    finally:
+        vlm.llm.set_attn_implementation(before)
+    assert torch.equal(outs["sdpa"], outs["sdpa_varlen"])
+
+
+def test_segment_lengths_split_rows_where_positions_restart():
+    from vlm.varlen_attention import segment_lengths
+
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    assert segment_lengths(pos) == [[3, 2, 1], [6]]
+    assert segment_lengths(torch.tensor([[3, 4, 0, 1]])) == [[2, 2]]  # a row that starts mid-sample

@@ -54,7 +54,9 @@ class LLMConfig:
     name_or_path: str = cfg_field("Qwen/Qwen2.5-7B-Instruct", help="any HF causal LM: hub id or local folder")
     tokenizer: Optional[str] = cfg_field(None, help="tokenizer id/folder (None = name_or_path)")
     dtype: Literal["float32", "bfloat16"] = cfg_field("float32", help="weights dtype at load (DeepSpeed bf16 casts)")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["sdpa_varlen", "sdpa", "eager", "flash_attention_2"] = cfg_field(
+        "sdpa_varlen", help="sdpa_varlen: sdpa per packed sample (vlm/varlen_attention.py), any device; "
+                            "flash_attention_2 when installed (CUDA)")
     gradient_checkpointing: bool = cfg_field(False, help="non-reentrant activation checkpointing in the LLM")
     image_token: str = cfg_field("<image>", help="the placeholder token added to the tokenizer")
 

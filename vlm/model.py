@@ -38,6 +38,7 @@ from torch import nn
 from vilex.config import from_dict, to_dict
 from vilex.errors import UserError
 from vilex.models.registry import load_pretrained
+from vlm import varlen_attention  # noqa: F401  (registers attn_implementation "sdpa_varlen")
 from vlm.config import VLMModelConfig
 from vlm.projector import Projectors, build_projectors, check_compatible, read_projector_folder, save_projectors
 from vlm.templates import IGNORE, Turn, build_template

@@ -31,7 +31,9 @@ Scale: to run on a CPU every length (image tokens, text, max_length 2048) is div
 with Qwen2.5-7B's MLP ratio, so that attention is about the same small share of a token's cost as for the 7B model
 at 2048 tokens (4T/(2(4d' + 3 r d)) ~ 5%). The ratio, not the absolute tokens/s, is the result. On CPU (sdpa) a
 packed row attends over its whole width under a block-diagonal mask; with flash-attention 2 on GPU the packed
-position ids select the varlen kernel, which skips the masked blocks, so the GPU ratio should be at least this.
+position ids select the varlen kernel, which skips the masked blocks. ``sdpa_varlen`` (vlm/varlen_attention.py, our
+default) is that varlen path on any device: one causal sdpa call per packed sample, so attention costs Σ length²
+whatever the row length. Both are compared: transformers' sdpa with its block-diagonal mask, and sdpa_varlen.
 """
 from __future__ import annotations
 
@@ -142,6 +144,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
+    import vlm.varlen_attention  # noqa: F401  (registers "sdpa_varlen")
     from vlm.packing import Collator
 
     patches = round(IMAGE_TOKENS / args.scale) ** 0.5
@@ -161,30 +164,36 @@ def main() -> None:
                for e in sorted(examples[i:i + mega], key=lambda e: -e.tokens.length)]
     batches_grouped = [grouped[i:i + mb] for i in range(0, len(grouped) - mb + 1, mb)]
     pad_id = vlm.tokenizer.pad_token_id
+    # (collator, micro-batches, attention implementation of the LLM)
     modes = {
-        "padded (LLaVA)": (Collator(pad_id, False, max_length), batches_random),
-        "padded + length grouping": (Collator(pad_id, False, max_length), batches_grouped),
-        "packed (ours)": (Collator(pad_id, True, max_length), batches_random),
-        "packed, rows of 4 x max_len": (Collator(pad_id, True, 4 * max_length), batches_random),
+        "padded (LLaVA)": (Collator(pad_id, False, max_length), batches_random, "sdpa"),
+        "padded + length grouping": (Collator(pad_id, False, max_length), batches_grouped, "sdpa"),
+        "packed, sdpa block mask": (Collator(pad_id, True, max_length), batches_random, "sdpa"),
+        "packed (ours, sdpa_varlen)": (Collator(pad_id, True, max_length), batches_random, "sdpa_varlen"),
+        "packed 4 x max_len, varlen": (Collator(pad_id, True, 4 * max_length), batches_random, "sdpa_varlen"),
     }
-    built = {name: [collate(b) for b in batches] for name, (collate, batches) in modes.items()}
-    with torch.no_grad():  # sanity: packing changes the layout, not the loss
-        a = float(vlm(**built["padded (LLaVA)"][0].model_inputs("cpu"))["loss"])
-        b = float(vlm(**built["packed (ours)"][0].model_inputs("cpu"))["loss"])
-    assert abs(a - b) < 1e-4 * max(1.0, abs(a)), (a, b)
+    built = {name: [collate(b) for b in batches] for name, (collate, batches, _) in modes.items()}
+    with torch.no_grad():  # sanity: packing and the attention path change the layout, not the loss
+        losses = {}
+        for name, (_, _, attn) in modes.items():
+            vlm.llm.set_attn_implementation(attn)
+            losses[name] = float(vlm(**built[name][0].model_inputs("cpu"))["loss"])
+    a = losses["padded (LLaVA)"]
+    assert all(abs(b - a) < 1e-4 * max(1.0, abs(a)) for n, b in losses.items() if "group" not in n), losses
 
-    def step(batch) -> float:
+    def step(batch, attn: str) -> float:
+        vlm.llm.set_attn_implementation(attn)
         vlm.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         vlm(**batch.model_inputs("cpu"))["loss"].backward()
         return time.perf_counter() - t0
 
     times = {name: 0.0 for name in modes}
-    for name in modes:  # warm-up (allocator, kernels)
-        step(built[name][0])
+    for name, (_, _, attn) in modes.items():  # warm-up (allocator, kernels)
+        step(built[name][0], attn)
     for i in range(1, len(batches_random)):  # interleaved, fastest of repeats: load spikes hit no mode alone
-        for name in modes:
-            times[name] += min(step(built[name][i]) for _ in range(args.repeats))
+        for name, (_, _, attn) in modes.items():
+            times[name] += min(step(built[name][i], attn) for _ in range(args.repeats))
     real = {name: sum(b.real_tokens for b in built[name][1:]) for name in modes}
     padded = {name: sum(b.padded_tokens for b in built[name][1:]) for name in modes}
 
@@ -196,11 +205,11 @@ def main() -> None:
     print(f"mean sample length {mean_len:.1f} tokens; text-only {sum(not e.tokens.has_image for e in examples)}/"
           f"{len(examples)}")
     base = real["padded (LLaVA)"] / times["padded (LLaVA)"]
-    print(f"{'mode':28s} {'tokens/s':>10s} {'vs padded':>10s} {'padding':>9s} {'rows/mb':>8s}")
+    print(f"{'mode':30s} {'tokens/s':>10s} {'vs padded':>10s} {'padding':>9s} {'rows/mb':>8s}")
     for name in modes:
         tps = real[name] / times[name]
         rows = np.mean([b.input_ids.shape[0] for b in built[name][1:]])
-        print(f"{name:28s} {tps:10.0f} {tps / base:9.2f}x {1 - real[name] / padded[name]:9.1%} {rows:8.1f}")
+        print(f"{name:30s} {tps:10.0f} {tps / base:9.2f}x {1 - real[name] / padded[name]:9.1%} {rows:8.1f}")
 
 
 if __name__ == "__main__":

@@ -112,3 +112,17 @@ def check_same_run_shape(folder: Path, saved: dict[str, Any], expected: dict[str
     if diff:
         what = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in diff.items())
         raise UserError(f"{folder} cannot be resumed by this run ({what}) — exact resume needs the same")
+
+
+def attention_kernels(backend: str):
+    """Context for a forward pass: ``auto`` leaves SDPA's kernel choice to torch, ``math`` forces the unfused math
+    kernels (the backward follows the forward's choice)."""
+    import contextlib
+
+    if backend == "auto":
+        return contextlib.nullcontext()
+    if backend == "math":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
+    raise ValueError(f"unknown attention backend {backend!r} (auto, math)")

@@ -43,6 +43,9 @@ class TrainConfig:
     strategy: Literal["torch", "deepspeed"] = "torch"
     deepspeed_config: Optional[Path] = cfg_field(None, help="configs/deepspeed/*.json (strategy: deepspeed)")
     precision: Literal["fp32", "bf16"] = "fp32"
+    attention_backend: Literal["auto", "math"] = cfg_field(
+        "auto", help="auto: torch picks the SDPA kernel; math: force the unfused math kernels (faster on CPU at "
+                     "small head dims, where the fused kernel's backward dominates: docs/PERFORMANCE.md)")
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema_decay: Optional[float] = cfg_field(None, gt=0, lt=1, help="EMA of the encoder (null = off)")
     checkpoint_every: int = cfg_field(500, ge=1)

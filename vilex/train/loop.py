@@ -32,8 +32,8 @@ from vilex.errors import UserError
 from vilex.train import distributed as D
 from vilex.train.config import PretrainConfig
 from vilex.train.common import NonFiniteLossError  # noqa: F401 (re-exported for callers)
-from vilex.train.common import (NonFiniteGuard, check_same_run_shape, rng_state, save_distributed, seed_everything,
-                                set_rng_state, sum_over_ranks)
+from vilex.train.common import (NonFiniteGuard, attention_kernels, check_same_run_shape, rng_state, save_distributed,
+                                seed_everything, set_rng_state, sum_over_ranks)
 from vilex.train.ema import EMA
 from vilex.train.strategy import STRATEGIES, Strategy, warmup_cosine
 from vilex.train.throughput import measure_matmul_peak, peak_memory_bytes
@@ -142,7 +142,7 @@ class Pretrainer:
 
     def micro_step(self, batch: dict) -> torch.Tensor:
         x0 = self._x0(batch)
-        with self.strategy.autocast():
+        with self.strategy.autocast(), attention_kernels(self.cfg.train.attention_backend):
             tokens = self.strategy.forward(batch.images["encoder"].to(self.strategy.device))
             out = self.model.loss_from_tokens(tokens.float(), x0, generator=self.generator)
         return out["loss"]
