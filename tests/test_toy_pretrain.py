@@ -373,3 +373,22 @@ def test_hard_negatives_differ_in_one_word_and_a_negative_equal_to_a_caption_is_
     low = sigmoid_loss_rows(logits, ["a", "b", "b"], ["a", "b"])
     high = sigmoid_loss_rows(logits, ["a", "b", "c"], ["a", "b"])
     assert float(low) < 0.1 < float(high)
+
+
+def test_shipped_vilex_config_references_are_made_repository_relative(tmp_path):
+    from vilex.toy.claims_report import repo_relative_references
+
+    root = tmp_path / "repo"
+    (root / "assets" / "toy" / "decoder").mkdir(parents=True)
+    config = tmp_path / "vilex_config.json"
+    config.write_text(json.dumps({"vit": {"name_or_path": "google/siglip-so400m-patch14-224"},
+                                  "decoder": {"name_or_path": str(root / "assets" / "toy" / "decoder"),
+                                              "dtype": "float32"}}))
+    repo_relative_references(config, root)
+    written = json.loads(config.read_text())
+    assert written["decoder"] == {"name_or_path": "assets/toy/decoder", "dtype": "float32"}
+    assert written["vit"]["name_or_path"] == "google/siglip-so400m-patch14-224"  # hub ids untouched
+    outside = {"vit": {"name_or_path": str(tmp_path / "elsewhere")}, "decoder": {"name_or_path": "/opt/sd"}}
+    config.write_text(json.dumps(outside))
+    repo_relative_references(config, root)
+    assert json.loads(config.read_text()) == outside  # paths outside the repository stay absolute

@@ -71,6 +71,20 @@ def measure_checkpoint(checkpoint: str | Path, decoder: str | Path, probe: str |
     return results, body
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def repo_relative_references(config_path: Path, root: Path = REPO_ROOT) -> None:
+    """Rewrite absolute ``name_or_path`` references inside the repository as repository-relative ones (as the
+    shipped configs write them: ``assets/toy/decoder``), so a shipped folder works from any clone."""
+    config = json.loads(config_path.read_text())
+    for section in ("vit", "decoder"):
+        ref = (config.get(section) or {}).get("name_or_path")
+        if ref and Path(ref).is_absolute() and Path(ref).resolve().is_relative_to(root.resolve()):
+            config[section]["name_or_path"] = str(Path(ref).resolve().relative_to(root.resolve()))
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def ship_vilex_run(run_dir: str | Path, out: str | Path, assets: str | Path, test_split: str | Path, n: int,
                    seed: int = 0) -> dict[str, Any]:
     """Copy the last checkpoint's ``pipeline/`` of a ``vilex pretrain`` run to ``out`` with its measurements.
@@ -93,6 +107,7 @@ def ship_vilex_run(run_dir: str | Path, out: str | Path, assets: str | Path, tes
     started = time.time()
     with atomic_dir(out) as tmp:
         shutil.copytree(ckpt / "pipeline", tmp, dirs_exist_ok=True)
+        repo_relative_references(tmp / "vilex_config.json")
         results, body = measure_checkpoint(tmp, assets / "decoder", assets / "probe", test_split, tmp, "shipped",
                                            n, seed)
         (tmp / "claims.md").write_text(f"# Toy ViLex ({ckpt.name}): claims on {n} held-out scenes of "
