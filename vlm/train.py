@@ -7,7 +7,9 @@ DeepSpeed ZeRO-2/3 (``deepspeed`` strategy, vilex/train/strategy.py), fp32 or bf
 
 Weights a stage starts from: ``init_from: previous`` = the latest checkpoint of the previous stage in the same
 ``output_dir`` (align -> instruct -> full); they are loaded BEFORE ``deepspeed.initialize`` (and through
-``GatheredParameters`` when parameters are already partitioned), so ZeRO-3 is safe.
+``GatheredParameters`` when parameters are already partitioned), so ZeRO-3 is safe. Under ZeRO-3 the model is built
+inside ``strategy.construction_context()``: transformers' ``from_pretrained`` partitions the LLM and tower as they load
+(``deepspeed.zero.Init``), so no rank materialises the whole LLM.
 
 A checkpoint (``<output_dir>/<stage>/checkpoints/checkpoint-<step>/``) holds the FULL training state — trainer counters,
 optimizer and scheduler (``optimizer.pt``, or DeepSpeed's ``deepspeed/`` folder with its ZeRO partitions), every RNG

@@ -24,6 +24,13 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 # The shipped toy assets; VILEX_TOY_ASSETS points elsewhere (tests use stand-ins made in a temp folder).
 ASSETS = Path(os.environ.get("VILEX_TOY_ASSETS", REPO / "assets" / "toy"))
+
+
+def shown(path: Path) -> str:
+    """A path as the report prints it: relative to the repository when inside it (the report reads the same from
+    any clone)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO.resolve())) if path.is_relative_to(REPO.resolve()) else str(path)
 TOY_CONFIG = REPO / "configs" / "vilex" / "toy.yaml"
 
 
@@ -33,7 +40,7 @@ def evaluate_checkpoint(ctx: DemoContext, checkpoint: Path, name: str, title: st
 
     results, body = measure_checkpoint(checkpoint, ASSETS / "decoder", ASSETS / "probe",
                                        ctx.artifacts["toy_data"] / "test", ctx.out, name, n, ctx.options.seed)
-    ctx.add_section(f"## {title}\n\nCheckpoint `{checkpoint}`; {n} held-out test scenes of the demo data.\n\n"
+    ctx.add_section(f"## {title}\n\nCheckpoint `{shown(checkpoint)}`; {n} held-out test scenes of the demo data.\n\n"
                     + body)
     return results
 
@@ -101,6 +108,7 @@ def step_shipped_run(ctx: DemoContext) -> None:
     if recipe.is_file():
         r = json.loads(recipe.read_text())
         note = (f" (recipe: {r.get('metrics', {}).get('steps_done', '?')} steps, commit "
-                f"{str(r.get('git_commit'))[:10]}; its own measurements on 128 scenes are in `{shipped}/claims.md`)")
+                f"{str(r.get('git_commit'))[:10]}; its own measurements on 128 scenes are in "
+                f"`{shown(shipped)}/claims.md`)")
     evaluate_checkpoint(ctx, shipped, "shipped_run", "Stage 1 shipped full run: measurements" + note,
                         ctx.options.eval_scenes)
