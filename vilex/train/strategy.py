@@ -18,7 +18,6 @@ it two ``torchrun`` workers each became a 1-process DeepSpeed world — measured
 from __future__ import annotations
 
 import contextlib
-
 import json
 import math
 from dataclasses import dataclass
@@ -175,6 +174,11 @@ def fill_deepspeed_config(path: Path, micro_batch: int, grad_accum: int, world_s
     return cfg
 
 
+def zero_stage(ds_cfg: dict) -> int:
+    """The ZeRO stage of a DeepSpeed config (0 when it has no zero_optimization section)."""
+    return int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
+
+
 @STRATEGIES.register("deepspeed")
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
@@ -184,31 +188,35 @@ class DeepSpeedStrategy(Strategy):
         self.config_path = Path(deepspeed_config)
         self._hf_ds_config = None  # kept alive for the run: transformers reads ZeRO-3 from it (a weak reference)
 
-    @contextlib.contextmanager
-    def construction_context(self):
-        ds_cfg = fill_deepspeed_config(self.config_path, self.micro_batch, self.grad_accum, self.world_size,
-                                       self.grad_clip, self.precision, {})
-        if ds_cfg.get("zero_optimization", {}).get("stage", 0) != 3:
-            yield
-            return
+    def _filled_config(self, optim_kwargs: dict) -> dict:
+        return fill_deepspeed_config(self.config_path, self.micro_batch, self.grad_accum, self.world_size,
+                                     self.grad_clip, self.precision, optim_kwargs)
+
+    @staticmethod
+    def _start_deepspeed() -> None:
+        """DeepSpeed's process group (gloo on CPU, without building its shared-memory op); idempotent."""
         import deepspeed
-        from transformers.integrations import HfDeepSpeedConfig
 
         if not torch.cuda.is_available():
             D.skip_deepspeed_shm_build()
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-        self._hf_ds_config = HfDeepSpeedConfig(ds_cfg)  # from_pretrained now builds under deepspeed.zero.Init
+
+    @contextlib.contextmanager
+    def construction_context(self):
+        ds_cfg = self._filled_config({})
+        if zero_stage(ds_cfg) == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._start_deepspeed()
+            self._hf_ds_config = HfDeepSpeedConfig(ds_cfg)  # from_pretrained now builds under deepspeed.zero.Init
         yield
 
     def prepare(self, module, param_groups, lr_lambda, optim_kwargs) -> None:
         import deepspeed
 
-        if not torch.cuda.is_available():
-            D.skip_deepspeed_shm_build()
-        ds_cfg = fill_deepspeed_config(self.config_path, self.micro_batch, self.grad_accum, self.world_size,
-                                       self.grad_clip, self.precision, optim_kwargs)
-        self.zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        ds_cfg = self._filled_config(optim_kwargs)
+        self.zero_stage = zero_stage(ds_cfg)
+        self._start_deepspeed()
         self.module, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, model_parameters=param_groups, config=ds_cfg,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
