@@ -74,14 +74,20 @@ def measure_checkpoint(checkpoint: str | Path, decoder: str | Path, probe: str |
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def repo_relative(path: str | Path, root: Path = REPO_ROOT) -> str | None:
+    """``path`` relative to the repository ``root`` when it lies inside it (``assets/toy/decoder``), else None."""
+    resolved, root = Path(path).resolve(), root.resolve()
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else None
+
+
 def repo_relative_references(config_path: Path, root: Path = REPO_ROOT) -> None:
     """Rewrite absolute ``name_or_path`` references inside the repository as repository-relative ones (as the
     shipped configs write them: ``assets/toy/decoder``), so a shipped folder works from any clone."""
     config = json.loads(config_path.read_text())
     for section in ("vit", "decoder"):
         ref = (config.get(section) or {}).get("name_or_path")
-        if ref and Path(ref).is_absolute() and Path(ref).resolve().is_relative_to(root.resolve()):
-            config[section]["name_or_path"] = str(Path(ref).resolve().relative_to(root.resolve()))
+        if ref and Path(ref).is_absolute() and repo_relative(ref, root) is not None:
+            config[section]["name_or_path"] = repo_relative(ref, root)
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 

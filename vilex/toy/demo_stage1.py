@@ -18,29 +18,22 @@ from pathlib import Path
 
 
 from vilex.cli.demo_cmd import DemoContext, demo_step
+from vilex.toy.claims_report import REPO_ROOT as REPO
+from vilex.toy.claims_report import measure_checkpoint, repo_relative
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
 # The shipped toy assets; VILEX_TOY_ASSETS points elsewhere (tests use stand-ins made in a temp folder).
 ASSETS = Path(os.environ.get("VILEX_TOY_ASSETS", REPO / "assets" / "toy"))
-
-
-def shown(path: Path) -> str:
-    """A path as the report prints it: relative to the repository when inside it (the report reads the same from
-    any clone)."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO.resolve())) if path.is_relative_to(REPO.resolve()) else str(path)
 TOY_CONFIG = REPO / "configs" / "vilex" / "toy.yaml"
 
 
 def evaluate_checkpoint(ctx: DemoContext, checkpoint: Path, name: str, title: str, n: int) -> dict:
     """Claims on the demo's test split for one checkpoint; PNGs + a report section."""
-    from vilex.toy.claims_report import measure_checkpoint
-
     results, body = measure_checkpoint(checkpoint, ASSETS / "decoder", ASSETS / "probe",
                                        ctx.artifacts["toy_data"] / "test", ctx.out, name, n, ctx.options.seed)
-    ctx.add_section(f"## {title}\n\nCheckpoint `{shown(checkpoint)}`; {n} held-out test scenes of the demo data.\n\n"
+    shown = repo_relative(checkpoint) or checkpoint
+    ctx.add_section(f"## {title}\n\nCheckpoint `{shown}`; {n} held-out test scenes of the demo data.\n\n"
                     + body)
     return results
 
@@ -109,6 +102,6 @@ def step_shipped_run(ctx: DemoContext) -> None:
         r = json.loads(recipe.read_text())
         note = (f" (recipe: {r.get('metrics', {}).get('steps_done', '?')} steps, commit "
                 f"{str(r.get('git_commit'))[:10]}; its own measurements on 128 scenes are in "
-                f"`{shown(shipped)}/claims.md`)")
+                f"`{repo_relative(shipped) or shipped}/claims.md`)")
     evaluate_checkpoint(ctx, shipped, "shipped_run", "Stage 1 shipped full run: measurements" + note,
                         ctx.options.eval_scenes)
