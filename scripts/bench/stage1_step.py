@@ -48,7 +48,8 @@ def make_config(root: Path, out: Path, batch: int, ours: bool, precision: str = 
         f"model.vit.init={json.dumps(vit)}", "model.vit.type=siglip",
         "model.pooler.num_tokens=16", "model.pooler.depth=2", "model.pooler.heads=4", "model.pooler.width=256",
         f"model.decoder.name_or_path={root / 'decoder'}", "model.decoder.type=stable_diffusion",
-        f"model.decoder.dtype={'bfloat16' if ours and precision == 'bf16' else 'float32'}", f"model.decoder.channels_last={str(ours).lower()}",
+        f"model.decoder.dtype={'bfloat16' if ours and precision == 'bf16' else 'float32'}",
+        f"model.decoder.channels_last={str(ours).lower()}",
         f"data.train.path={root / 'data' / 'train'}", f"train.output_dir={out}", f"train.micro_batch_size={batch}",
         f"train.precision={precision if ours else 'fp32'}", "train.max_steps=1000000", "val.every=1000000",
         "train.checkpoint_every=1000000", "log.tensorboard=false", f"latent_cache.enabled={str(ours).lower()}",
@@ -141,7 +142,7 @@ def main() -> None:
             runners["ours_fp32"] = Ours(make_config(root, Path(tmp) / "ours32", args.batch, ours=True,
                                                     precision="fp32"))
         if args.ours_cpu:
-            runners["ours_cpu"] = Ours(make_config(root, Path(tmp) / "ours_cpu", args.batch, ours=True,
+            runners["ours_cpu_recipe"] = Ours(make_config(root, Path(tmp) / "ours_cpu", args.batch, ours=True,
                                                    precision="fp32", attention="math"))
         for r in runners.values():  # warm-up (allocator, kernels, latent cache already built in setup)
             time_steps(r, 2)
@@ -159,29 +160,25 @@ def main() -> None:
         "naive_img_per_s": args.batch / med["naive"], "ours_img_per_s": args.batch / med["ours"],
         "speedup": med["naive"] / med["ours"], "speedup_cpu_time": cpu["naive"] / cpu["ours"],
     }
+    # arm -> (suffix of its speed-up keys, label)
+    extra_arms = {"ours_fp32": ("fp32", "ours fp32"),
+                  "ours_cpu_recipe": ("cpu_recipe", "ours CPU recipe: fp32 + math attention")}
+    for arm, (key, _) in extra_arms.items():
+        if arm in med:
+            result.update({f"{arm}_s_per_step": med[arm], f"{arm}_cpu_s_per_step": cpu[arm],
+                           f"speedup_{key}": med["naive"] / med[arm],
+                           f"speedup_{key}_cpu_time": cpu["naive"] / cpu[arm]})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    if "ours_fp32" in med:
-        result.update({"ours_fp32_s_per_step": med["ours_fp32"], "ours_fp32_cpu_s_per_step": cpu["ours_fp32"],
-                       "speedup_fp32": med["naive"] / med["ours_fp32"],
-                       "speedup_fp32_cpu_time": cpu["naive"] / cpu["ours_fp32"]})
-        args.out.write_text(json.dumps(result, indent=2))
-    if "ours_cpu" in med:
-        result.update({"ours_cpu_s_per_step": med["ours_cpu"], "ours_cpu_cpu_s_per_step": cpu["ours_cpu"],
-                       "speedup_cpu_recipe": med["naive"] / med["ours_cpu"],
-                       "speedup_cpu_recipe_cpu_time": cpu["naive"] / cpu["ours_cpu"]})
-        args.out.write_text(json.dumps(result, indent=2))
-    print(f"{'arm':10} {'wall s/step':>12} {'img/s':>8} {'cpu s/step':>11}")
+    print(f"{'arm':16} {'wall s/step':>12} {'img/s':>8} {'cpu s/step':>11}")
     for arm in med:
-        print(f"{arm:10} {med[arm]:12.3f} {args.batch / med[arm]:8.2f} {cpu[arm]:11.3f}")
+        print(f"{arm:16} {med[arm]:12.3f} {args.batch / med[arm]:8.2f} {cpu[arm]:11.3f}")
     print(f"speedup (naive / ours): {result['speedup']:.2f}x wall, {result['speedup_cpu_time']:.2f}x CPU time   "
           f"[{result['device']}, batch {args.batch}]")
-    if "ours_fp32" in med:
-        print(f"speedup (naive / ours fp32): {result['speedup_fp32']:.2f}x wall, "
-              f"{result['speedup_fp32_cpu_time']:.2f}x CPU time")
-    if "ours_cpu" in med:
-        print(f"speedup (naive / ours CPU recipe: fp32 + math attention): {result['speedup_cpu_recipe']:.2f}x wall, "
-              f"{result['speedup_cpu_recipe_cpu_time']:.2f}x CPU time")
+    for arm, (key, label) in extra_arms.items():
+        if arm in med:
+            print(f"speedup (naive / {label}): {result[f'speedup_{key}']:.2f}x wall, "
+                  f"{result[f'speedup_{key}_cpu_time']:.2f}x CPU time")
 
 
 if __name__ == "__main__":
