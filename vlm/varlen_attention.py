@@ -15,6 +15,7 @@ built exactly as for ``sdpa``), and generation with a KV cache (query and key le
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -24,15 +25,30 @@ NAME = "sdpa_varlen"
 
 
 def segment_lengths(position_ids: torch.Tensor) -> list[list[int]]:
-    """Per row, the lengths of its samples: a sample starts wherever the position id is 0 (or the row starts)."""
-    out = []
-    for row in position_ids:
-        starts = torch.nonzero(row == 0).flatten().tolist()
-        if not starts or starts[0] != 0:
-            starts = [0, *starts]
-        ends = [*starts[1:], row.numel()]
-        out.append([e - s for s, e in zip(starts, ends)])
-    return out
+    """Per row, the lengths of its samples: a sample starts wherever the position id is 0 (or the row starts).
+    One host read for the whole batch (a single ``nonzero``)."""
+    rows, width = position_ids.shape
+    starts = position_ids == 0
+    starts[:, 0] = True
+    per_row: list[list[int]] = [[] for _ in range(rows)]
+    for r, c in torch.nonzero(starts).tolist():
+        per_row[r].append(c)
+    return [[e - s for s, e in zip(row, [*row[1:], width])] for row in per_row]
+
+
+_last_segments: tuple[weakref.ref, int, list[list[int]]] | None = None
+
+
+def _segments_for_forward(position_ids: torch.Tensor) -> list[list[int]]:
+    """``segment_lengths``, computed once per forward: every decoder layer receives the same ``position_ids``
+    tensor, so the last result is reused while that tensor (unchanged) is the one asked about."""
+    global _last_segments
+    last = _last_segments
+    if last is not None and last[0]() is position_ids and last[1] == position_ids._version:
+        return last[2]
+    lengths = segment_lengths(position_ids)
+    _last_segments = (weakref.ref(position_ids), position_ids._version, lengths)
+    return lengths
 
 
 def varlen_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[list[int]],
@@ -62,9 +78,11 @@ def sdpa_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
             or not getattr(module, "is_causal", True):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    position_ids = position_ids.expand(query.shape[0], -1)
+    lengths = _segments_for_forward(position_ids)
+    if len(lengths) != query.shape[0]:  # one row of positions shared by the batch
+        lengths = lengths * query.shape[0]
     dropout = dropout if module.training else 0.0
-    return varlen_sdpa(query, key, value, segment_lengths(position_ids), scaling, dropout), None
+    return varlen_sdpa(query, key, value, lengths, scaling, dropout), None
 
 
 def sdpa_varlen_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
