@@ -36,6 +36,7 @@ from torch import nn
 from vilex.errors import UserError
 from vilex.models.conditioning import SpecialTokens, TextLayout, build_text_conditioning
 from vilex.models.configs import DecoderConfig
+from vilex.models.coordinates import coordinate_channels, unet_forward
 from vilex.models.registry import FROZEN_DECODERS, load_pretrained
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -66,6 +67,7 @@ class FrozenDecoder(nn.Module):
         self.vae = vae
         self.scheduler = scheduler
         self.special = SpecialTokens.from_tokenizer(tokenizer)
+        coordinate_channels(unet)  # an unsupported channel layout fails here, not mid-training
         if self.prediction_type not in PREDICTION_TYPES:
             raise UserError(f"decoder scheduler prediction_type '{self.prediction_type}' is not one of "
                             f"{', '.join(PREDICTION_TYPES)}")
@@ -197,7 +199,7 @@ class FrozenDecoder(nn.Module):
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The UNet's prediction (of the scheduler's prediction_type) for noisy x_t at timesteps t; fp32."""
         dtype = self.dtype
-        return self.unet(x_t.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample.float()
+        return unet_forward(self.unet, x_t.to(dtype), t, cond.to(dtype)).float()
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the UNet is trained to predict, per the scheduler's prediction_type."""
@@ -259,7 +261,7 @@ class StableDiffusionDecoder(FrozenDecoder):
     @property
     def model_space_shape(self) -> tuple[int, int, int]:
         size = int(self.unet.config.sample_size)
-        return (int(self.unet.config.in_channels), size, size)
+        return (int(self.unet.config.out_channels), size, size)
 
     def _shift_scale(self) -> tuple[float, float]:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
@@ -304,7 +306,7 @@ class PixelUNetDecoder(FrozenDecoder):
     @property
     def model_space_shape(self) -> tuple[int, int, int]:
         size = int(self.unet.config.sample_size)
-        return (int(self.unet.config.in_channels), size, size)
+        return (int(self.unet.config.out_channels), size, size)
 
     def to_model_space(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return images.float()

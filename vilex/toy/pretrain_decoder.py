@@ -42,6 +42,7 @@ from torch.nn import functional as F
 from vilex.checkpoint import CheckpointManager, atomic_dir, load_tensors, save_tensors
 from vilex.config import cfg_field, to_dict
 from vilex.errors import ConfigError, UserError
+from vilex.models.coordinates import COORDINATE_CHANNELS, coordinate_channels, unet_forward
 from vilex.toy import world
 from vilex.toy.probe import chance_levels, clear_largest, judge, load_probe, summarize, warmup_cosine
 from vilex.toy.recipe import (
@@ -73,8 +74,12 @@ class UNetSpec:
         default_factory=lambda: ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"])
     attention_head_dim: int = cfg_field(8, ge=1)
     norm_num_groups: int = cfg_field(8, ge=1)
+    coordinate_channels: int = cfg_field(0, ge=0, le=2, help="2: (x, y) coordinate maps are extra UNet inputs "
+                                                             "(CoordConv; vilex/models/coordinates.py), 0: none")
 
     def validate(self) -> None:
+        if self.coordinate_channels not in (0, COORDINATE_CHANNELS):
+            raise ConfigError(f"unet.coordinate_channels: 0 or {COORDINATE_CHANNELS}, got {self.coordinate_channels}")
         n = len(self.block_out_channels)
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
             raise ConfigError(f"unet: down_block_types and up_block_types need {n} entries (one per "
@@ -206,28 +211,40 @@ def load_or_build_text_encoder(spec: TextEncoderSpec, tokenizer: Any) -> nn.Modu
     return model
 
 
-def load_init_unet(unet: nn.Module, decoder_dir: str | Path) -> None:
-    """Copy ``decoder_dir/unet`` weights into ``unet``; the architectures must match exactly."""
+def load_init_unet(unet: nn.Module, decoder_dir: str | Path) -> dict[str, Any]:
+    """Copy ``decoder_dir/unet`` weights into ``unet``; the architectures must match exactly, except that a
+    UNet without coordinate channels may start one with them: the new ``conv_in`` input channels start at
+    zero, so the warm-started UNet computes exactly what the saved one did (as SD-inpainting was
+    initialised from SD). Returns what was done, for the recipe."""
     from diffusers import UNet2DConditionModel
 
     folder = Path(decoder_dir) / "unet"
     if not (folder / "config.json").is_file():
         raise UserError(f"init_unet: no decoder unet at {folder}")
-    saved = UNet2DConditionModel.from_pretrained(str(folder)).state_dict()
+    saved_unet = UNet2DConditionModel.from_pretrained(str(folder))
+    saved = saved_unet.state_dict()
     ours = unet.state_dict()
-    mismatched = sorted(k for k in ours if k not in saved or saved[k].shape != ours[k].shape)
-    if mismatched or len(saved) != len(ours):
+    added = coordinate_channels(unet) - coordinate_channels(saved_unet)
+    expandable = {"conv_in.weight"} if added > 0 else set()
+    mismatched = sorted(k for k in ours if k not in saved
+                        or (saved[k].shape != ours[k].shape and k not in expandable))
+    if mismatched or len(saved) != len(ours) or added < 0:
         raise ConfigError(f"init_unet {decoder_dir}: its UNet differs from the unet section of this config "
-                          f"({len(mismatched)} mismatched tensors, e.g. {mismatched[:3]})")
+                          f"({len(mismatched)} mismatched tensors, e.g. {mismatched[:3]}; coordinate channels "
+                          f"{coordinate_channels(saved_unet)} saved vs {coordinate_channels(unet)} configured)")
+    if added:
+        weight = saved["conv_in.weight"]
+        saved["conv_in.weight"] = torch.cat([weight, weight.new_zeros(weight.shape[0], added, *weight.shape[2:])], 1)
     unet.load_state_dict(saved)
+    return {"from": str(decoder_dir), "zero_initialised_coordinate_channels": added}
 
 
 def build_unet(spec: UNetSpec, image_size: int, cross_attention_dim: int) -> nn.Module:
-    """A randomly initialised pixel-space ``UNet2DConditionModel`` (3 channels in and out)."""
+    """A randomly initialised pixel-space ``UNet2DConditionModel``: 3 channels out, 3 (+ coordinates) in."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=image_size, in_channels=3, out_channels=3, layers_per_block=spec.layers_per_block,
+        sample_size=image_size, in_channels=3 + spec.coordinate_channels, out_channels=3, layers_per_block=spec.layers_per_block,
         block_out_channels=tuple(spec.block_out_channels), down_block_types=tuple(spec.down_block_types),
         up_block_types=tuple(spec.up_block_types), cross_attention_dim=cross_attention_dim,
         attention_head_dim=spec.attention_head_dim, norm_num_groups=spec.norm_num_groups)
@@ -290,7 +307,7 @@ def sample_images(unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, nois
         ddim.set_timesteps(steps)
         x = noise[i:i + len(chunk)].to(unet.device)
         for t in ddim.timesteps:
-            pred_uncond, pred_cond = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
+            pred_uncond, pred_cond = unet_forward(unet, torch.cat([x, x]), t, context).chunk(2)
             x = ddim.step(pred_uncond + guidance_scale * (pred_cond - pred_uncond), t, x).prev_sample
         out.append(x.clamp(-1.0, 1.0).cpu())
     return torch.cat(out)
@@ -444,8 +461,7 @@ def pretrain_decoder(cfg: DecoderPretrainConfig, out: str | Path, resume: str | 
     text_encoder = load_or_build_text_encoder(cfg.text_encoder, tokenizer)
     text_encoder.requires_grad_(cfg.text_encoder.trainable)
     unet = build_unet(cfg.unet, cfg.image_size, cfg.text_encoder.width)
-    if cfg.init_unet is not None:
-        load_init_unet(unet, cfg.init_unet)
+    warm_start = load_init_unet(unet, cfg.init_unet) if cfg.init_unet is not None else None
     parts = _Parts(unet, text_encoder).to(device)
     noise_scheduler = build_noise_scheduler(cfg.noise)
     trainable = [p for p in parts.parameters() if p.requires_grad]
@@ -487,7 +503,7 @@ def pretrain_decoder(cfg: DecoderPretrainConfig, out: str | Path, resume: str | 
             x_t = noise_scheduler.add_noise(x0, noise, t)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.bf16):
                 cond = encode_prompts(tokenizer, text_encoder, prompts)
-                pred = unet(x_t, t, encoder_hidden_states=cond).sample
+                pred = unet_forward(unet, x_t, t, cond)
             loss = F.mse_loss(pred.float(), diffusion_target(noise_scheduler, x0, noise, t))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -530,7 +546,7 @@ def pretrain_decoder(cfg: DecoderPretrainConfig, out: str | Path, resume: str | 
                                "parameters": n_params, "train_minutes_this_run": round(train_minutes, 2),
                                "loss_curve": summarize_loss_log(log_path),
                                "train_minutes_all_runs": round(sum(h["minutes"] for h in history), 2),
-                               "run_history": history}
+                               "run_history": history, "warm_start": warm_start}
     sheet = None
     if cfg.gate.enabled:
         metrics["gate"], sheet = decoder_quality_gate(unet, text_encoder, tokenizer, noise_scheduler,
