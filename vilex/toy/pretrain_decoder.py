@@ -44,6 +44,7 @@ from vilex.config import cfg_field, to_dict
 from vilex.errors import ConfigError, UserError
 from vilex.models.coordinates import COORDINATE_CHANNELS, coordinate_channels, unet_forward
 from vilex.toy import world
+from vilex.toy.placement import placement_test
 from vilex.toy.probe import chance_levels, clear_largest, judge, load_probe, summarize, warmup_cosine
 from vilex.toy.recipe import (
     SceneBatches,
@@ -347,12 +348,14 @@ def decoder_quality_gate(unet: nn.Module, text_encoder: nn.Module, tokenizer: An
                            spec.guidance_scale, seed=seed, batch_size=spec.batch_size)
     sample_s = time.time() - started
     generated = judge(probe, images, scenes)
+    placement = placement_test(unet, text_encoder, tokenizer, noise_scheduler, seed=seed)
     real = judge(probe, images_to_unit_range(render_batch(scenes, images.shape[-1])), scenes)
     coarse = np.arange(len(scenes)) % 2 == 0
     metrics = {
         "generated": {"all": summarize(generated), "coarse_captions": summarize(generated, coarse),
                       "fine_captions": summarize(generated, ~coarse)},
         "probe_on_real_renders": summarize(real),
+        "placement": placement,  # does E[x0 | caption] put the object where its position words say? (placement.py)
         "chance": chance_levels(probe.labels),
         "heldout_scenes_drawn": drawn,
         "heldout_scenes_used": len(scenes),
