@@ -84,3 +84,19 @@ def test_frozen_pixel_decoder_runs_a_coordinate_unet(tmp_path):
         moved = unet_forward(decoder.unet, x, t, cond) - decoder.unet(
             torch.cat([x, torch.zeros(1, 2, 16, 16)], 1), t, encoder_hidden_states=cond).sample
     assert moved.abs().max() > 0  # the coordinates are really fed in
+
+
+def test_pooled_text_pathway_options_build_a_diffusers_unet_that_reads_them(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    spec = UNetSpec(**TINY_UNET, coordinate_channels=2, addition_embed_type="text",
+                    resnet_time_scale_shift="scale_shift")
+    unet = build_unet(spec, 16, 32)
+    unet.save_pretrained(str(tmp_path / "unet"))
+    loaded = UNet2DConditionModel.from_pretrained(str(tmp_path / "unet"))
+    assert (loaded.config.addition_embed_type, loaded.config.resnet_time_scale_shift) == ("text", "scale_shift")
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 900])
+    with torch.no_grad():
+        a = unet_forward(loaded, x, t, torch.randn(2, 5, 32))
+        b = unet_forward(loaded, x, t, torch.randn(2, 5, 32))
+    assert a.shape == (2, 3, 16, 16) and not torch.allclose(a, b)  # the conditioning reaches the output

@@ -77,6 +77,12 @@ class UNetSpec:
     norm_num_groups: int = cfg_field(8, ge=1)
     coordinate_channels: int = cfg_field(0, ge=0, le=2, help="2: (x, y) coordinate maps are extra UNet inputs "
                                                              "(CoordConv; vilex/models/coordinates.py), 0: none")
+    # diffusers options for a conditioning pathway besides cross-attention (see scripts/toy/README.md, "Where
+    # placement fails"): "text" adds an attention-pooled summary of the conditioning to the timestep embedding, as
+    # SDXL adds its pooled text embedding; "scale_shift" lets that embedding scale AND shift every ResNet's GroupNorm
+    # output (AdaGN), a multiplicative interaction between the caption and the spatial features.
+    addition_embed_type: Literal["text"] | None = cfg_field(None)
+    resnet_time_scale_shift: Literal["default", "scale_shift"] = cfg_field("default")
 
     def validate(self) -> None:
         if self.coordinate_channels not in (0, COORDINATE_CHANNELS):
@@ -248,7 +254,9 @@ def build_unet(spec: UNetSpec, image_size: int, cross_attention_dim: int) -> nn.
         sample_size=image_size, in_channels=3 + spec.coordinate_channels, out_channels=3, layers_per_block=spec.layers_per_block,
         block_out_channels=tuple(spec.block_out_channels), down_block_types=tuple(spec.down_block_types),
         up_block_types=tuple(spec.up_block_types), cross_attention_dim=cross_attention_dim,
-        attention_head_dim=spec.attention_head_dim, norm_num_groups=spec.norm_num_groups)
+        attention_head_dim=spec.attention_head_dim, norm_num_groups=spec.norm_num_groups,
+        addition_embed_type=spec.addition_embed_type, resnet_time_scale_shift=spec.resnet_time_scale_shift,
+        addition_embed_type_num_heads=max(1, cross_attention_dim // 16))  # the pooler's heads (diffusers default 64)
 
 
 def resolve_device(name: str) -> torch.device:
