@@ -166,8 +166,9 @@ class FrozenDecoder(nn.Module):
 
     @property
     def model_space_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of x0 (latents or pixels)."""
-        raise NotImplementedError
+        """(C, H, W) of x0 (latents or pixels): what the UNet predicts (its inputs may carry extra channels)."""
+        size = int(self.unet.config.sample_size)
+        return (int(self.unet.config.out_channels), size, size)
 
     # ------------------------------------------------------------------ text
     def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
@@ -258,11 +259,6 @@ class StableDiffusionDecoder(FrozenDecoder):
     def image_size(self) -> int:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
-    @property
-    def model_space_shape(self) -> tuple[int, int, int]:
-        size = int(self.unet.config.sample_size)
-        return (int(self.unet.config.out_channels), size, size)
-
     def _shift_scale(self) -> tuple[float, float]:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return float(shift), float(self.vae.config.scaling_factor)
@@ -302,11 +298,6 @@ class PixelUNetDecoder(FrozenDecoder):
     @property
     def image_size(self) -> int:
         return int(self.unet.config.sample_size)
-
-    @property
-    def model_space_shape(self) -> tuple[int, int, int]:
-        size = int(self.unet.config.sample_size)
-        return (int(self.unet.config.out_channels), size, size)
 
     def to_model_space(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return images.float()

@@ -231,14 +231,15 @@ def load_init_unet(unet: nn.Module, decoder_dir: str | Path) -> dict[str, Any]:
     saved_unet = UNet2DConditionModel.from_pretrained(str(folder))
     saved = saved_unet.state_dict()
     ours = unet.state_dict()
-    added = coordinate_channels(unet) - coordinate_channels(saved_unet)
+    saved_coords, our_coords = coordinate_channels(saved_unet), coordinate_channels(unet)
+    added = our_coords - saved_coords
     expandable = {"conv_in.weight"} if added > 0 else set()
     mismatched = sorted(k for k in ours if k not in saved
                         or (saved[k].shape != ours[k].shape and k not in expandable))
     if mismatched or len(saved) != len(ours) or added < 0:
         raise ConfigError(f"init_unet {decoder_dir}: its UNet differs from the unet section of this config "
                           f"({len(mismatched)} mismatched tensors, e.g. {mismatched[:3]}; coordinate channels "
-                          f"{coordinate_channels(saved_unet)} saved vs {coordinate_channels(unet)} configured)")
+                          f"{saved_coords} saved vs {our_coords} configured)")
     if added:
         weight = saved["conv_in.weight"]
         saved["conv_in.weight"] = torch.cat([weight, weight.new_zeros(weight.shape[0], added, *weight.shape[2:])], 1)
@@ -251,7 +252,8 @@ def build_unet(spec: UNetSpec, image_size: int, cross_attention_dim: int) -> nn.
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=image_size, in_channels=3 + spec.coordinate_channels, out_channels=3, layers_per_block=spec.layers_per_block,
+        sample_size=image_size, in_channels=3 + spec.coordinate_channels, out_channels=3,
+        layers_per_block=spec.layers_per_block,
         block_out_channels=tuple(spec.block_out_channels), down_block_types=tuple(spec.down_block_types),
         up_block_types=tuple(spec.up_block_types), cross_attention_dim=cross_attention_dim,
         attention_head_dim=spec.attention_head_dim, norm_num_groups=spec.norm_num_groups,
