@@ -333,6 +333,28 @@ def test_pretrained_frozen_text_encoder_is_what_the_decoder_ships(tmp_path, toy_
     assert err.count("\n") == 0 and "text_encoder.pretrained" in err and "'width': 32" in err
 
 
+def test_text_encoder_continues_a_pretrained_one_with_the_attribute_and_swap_margin_losses(tmp_path, toy_tokenizer,
+                                                                                           tiny_siglip):
+    from safetensors.torch import load_file
+
+    common = ["--set", f"tokenizer={toy_tokenizer}", "--set", f"image_tower={tiny_siglip}",
+              "--set", "text_encoder.width=32", "--set", "text_encoder.layers=1", "--set", "train.batch_size=6",
+              "--set", "train.num_workers=0", "--set", "train.log_every=1", "--set", "eval_scenes=12"]
+    first, second = tmp_path / "te1", tmp_path / "te2"
+    assert main(["toy", "pretrain-text-encoder", "--out", str(first), *common, "--set", "train.steps=2"]) == 0
+    assert main(["toy", "pretrain-text-encoder", "--out", str(second), *common, "--set", "train.steps=2",
+                 "--set", f"text_encoder.pretrained={first}", "--set", "train.attribute_weight=1.0",
+                 "--set", "train.swap_margin=0.5", "--set", "train.sensitivity_every=1"]) == 0
+    recipe = read_recipe(second)
+    assert recipe["config"]["train"]["swap_margin"] == 0.5 and recipe["config"]["text_encoder"]["pretrained"]
+    heads = load_file(str(second / "head.safetensors"))
+    assert any(k.startswith("attributes.") for k in heads) and "logit_bias" in heads
+    a, b = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # it trained on
+    # the continued run started from the first one's projection head, not a fresh one
+    assert float((heads["head.weight"] - load_file(str(first / "head.safetensors"))["head.weight"]).abs().max()) < 0.1
+
+
 def test_word_swaps_change_exactly_one_word_of_the_named_kind():
     from vilex.toy.pretrain_text_encoder import _swap_word
 

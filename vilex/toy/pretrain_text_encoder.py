@@ -35,9 +35,16 @@ from torch.nn import functional as F
 
 from vilex.checkpoint import atomic_dir, save_tensors
 from vilex.config import cfg_field, to_dict
-from vilex.errors import UserError
+from vilex.errors import ConfigError, UserError
 from vilex.toy import world
-from vilex.toy.pretrain_decoder import TextEncoderSpec, build_text_encoder, encode_prompts
+from vilex.toy.caption_attributes import (
+    AttributeHead,
+    attribute_loss,
+    first_eos_index,
+    scene_targets,
+    swap_margin_loss,
+)
+from vilex.toy.pretrain_decoder import TextEncoderSpec, encode_prompts, load_or_build_text_encoder
 from vilex.toy.pretrain_siglip import topk_caption_hits
 from vilex.toy.probe import warmup_cosine
 from vilex.toy.recipe import (
@@ -74,6 +81,12 @@ class TextEncoderTrainSpec:
     num_workers: int = cfg_field(1, ge=0)
     log_every: int = cfg_field(25, ge=1)
     max_minutes: float | None = cfg_field(None, gt=0, help="stop early (and still evaluate and save) after this long")
+    attribute_weight: float = cfg_field(0.0, ge=0, help="weight of the caption-attribute loss: every slot after the "
+                                                        "caption's EOS predicts the scene (toy/caption_attributes.py)")
+    swap_margin: float = cfg_field(0.0, ge=0, help="a one-word-swapped caption must move the conditioning by at "
+                                                   "least this fraction of its norm (hinge); 0: off")
+    swap_margin_weight: float = cfg_field(1.0, ge=0)
+    sensitivity_every: int = cfg_field(100, ge=1, help="log word_sensitivity every this many steps")
 
 
 @dataclass
@@ -90,7 +103,8 @@ class TextEncoderPretrainConfig:
 
 
 class LockedImageText(nn.Module):
-    """The trainable side: text encoder + linear head + SigLIP logit scale/bias (init log 10 / -10)."""
+    """The trainable side: text encoder + linear head + SigLIP logit scale/bias (init log 10 / -10), and the
+    caption-attribute head (used when ``train.attribute_weight`` > 0)."""
 
     def __init__(self, text_encoder: nn.Module, image_dim: int) -> None:
         super().__init__()
@@ -98,15 +112,35 @@ class LockedImageText(nn.Module):
         self.head = nn.Linear(text_encoder.config.hidden_size, image_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        self.attributes = AttributeHead(text_encoder.config.hidden_size)
 
     def embed(self, tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
         """Unit-norm text embeddings (B, image_dim): the mean over ALL positions of the decoder's conditioning."""
-        hidden = encode_prompts(tokenizer, self.text_encoder, texts)
+        return self.embed_hidden(encode_prompts(tokenizer, self.text_encoder, texts))
+
+    def embed_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(hidden.mean(dim=1)), dim=-1)
 
     def logits(self, text_emb: torch.Tensor, image_emb: torch.Tensor) -> torch.Tensor:
         """logits_per_text (T, I)."""
         return text_emb @ image_emb.t() * self.logit_scale.exp() + self.logit_bias
+
+
+HEADS_FILE = "head.safetensors"
+
+
+def build_locked_image_text(spec: TextEncoderSpec, tokenizer: Any, image_dim: int) -> LockedImageText:
+    """A new model, or (``spec.pretrained``) one that continues a pretrained encoder and its heads."""
+    from safetensors.torch import load_file
+
+    model = LockedImageText(load_or_build_text_encoder(spec, tokenizer), image_dim)
+    heads = Path(spec.pretrained or "") / HEADS_FILE
+    if spec.pretrained is not None and heads.is_file():
+        missing, unexpected = model.load_state_dict(load_file(str(heads)), strict=False)
+        missing = [k for k in missing if not k.startswith(("text_encoder.", "attributes."))]
+        if missing or unexpected:
+            raise ConfigError(f"{heads} does not fit: missing {missing}, unexpected {unexpected}")
+    return model
 
 
 def hard_negative_captions(texts: Sequence[str], k: int, rng: np.random.Generator) -> list[str]:
@@ -230,7 +264,7 @@ def pretrain_text_encoder(cfg: TextEncoderPretrainConfig, out: str | Path) -> di
     tokenizer = load_toy_tokenizer(cfg.tokenizer)
     tower = load_image_tower(cfg.image_tower)
     image_size = int(tower.config.vision_config.image_size)
-    model = LockedImageText(build_text_encoder(cfg.text_encoder, tokenizer), int(tower.config.vision_config.hidden_size))
+    model = build_locked_image_text(cfg.text_encoder, tokenizer, int(tower.config.vision_config.hidden_size))
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
@@ -248,9 +282,22 @@ def pretrain_text_encoder(cfg: TextEncoderPretrainConfig, out: str | Path) -> di
         rng = toy_rng(cfg.seed, Stream.CHOICES, step_index)
         fine = rng.random(len(scenes)) < spec.fine_caption_prob
         texts = [world.caption_fine(s) if f else world.caption_coarse(s) for s, f in zip(scenes, fine)]
-        rows = texts + hard_negative_captions(texts, spec.hard_negatives, rng)
+        negatives = hard_negative_captions(texts, spec.hard_negatives, rng)
+        rows = texts + negatives
         image_emb = image_features(tower, images_to_unit_range(images_u8))
-        loss = sigmoid_loss_rows(model.logits(model.embed(tokenizer, rows), image_emb), rows, texts)
+        hidden = encode_prompts(tokenizer, model.text_encoder, rows)
+        loss = sigmoid_loss_rows(model.logits(model.embed_hidden(hidden), image_emb), rows, texts)
+        parts = {"lit": float(loss.detach())}
+        if spec.attribute_weight > 0:
+            attr, parts["attributes"] = attribute_loss(model.attributes, hidden[: len(texts)],
+                                                       first_eos_index(tokenizer, texts), scene_targets(scenes))
+            loss = loss + spec.attribute_weight * attr
+        if spec.swap_margin > 0 and negatives:
+            k = spec.hard_negatives  # every caption has a background word, so each got exactly k, in order
+            own = hidden[: len(texts)].repeat_interleave(k, dim=0)
+            margin = swap_margin_loss(own, hidden[len(texts):], spec.swap_margin)
+            parts["swap_margin"] = round(float(margin.detach()), 4)
+            loss = loss + spec.swap_margin_weight * margin
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
@@ -261,9 +308,13 @@ def pretrain_text_encoder(cfg: TextEncoderPretrainConfig, out: str | Path) -> di
         if step % spec.log_every == 0 or step == spec.steps:
             sec = (time.time() - window_start) / len(window)
             curve.append({"step": step, "loss": round(float(np.mean(window)), 4)})
-            log.info("step %d/%d loss %.4f lr %.2e %.2fs/step", step, spec.steps, curve[-1]["loss"],
-                     lr_sched.get_last_lr()[0], sec)
+            log.info("step %d/%d loss %.4f lr %.2e %.2fs/step %s", step, spec.steps, curve[-1]["loss"],
+                     lr_sched.get_last_lr()[0], sec, parts)
             window, window_start = [], time.time()
+        if step % spec.sensitivity_every == 0:
+            model.eval()
+            log.info("step %d word_sensitivity %s", step, word_sensitivity(model.text_encoder, tokenizer, cfg.seed))
+            model.train()
         if spec.max_minutes is not None and time.time() - started > spec.max_minutes * 60 and step < spec.steps:
             log.warning("train.max_minutes=%s reached at step %d of %d: stopping early", spec.max_minutes, step,
                         spec.steps)
