@@ -2,7 +2,7 @@
 
 The decoder gate runs the placement test once, at the end; a from-scratch run is worth watching earlier:
 
-    python scripts/toy/placement_check.py --config configs/toy/decoder_attributes.yaml [--checkpoint N] [--raw]
+    python scripts/toy/placement_check.py --config configs/toy/decoder_attributes.yaml [--checkpoint N] [--raw] [--set work_dir=...]
 
 Reads ``<work_dir>/checkpoints/checkpoint-N`` (default: every checkpoint there), the EMA weights unless ``--raw``,
 and prints one line per checkpoint: hit rate (chance 0.25) and opposite-corner centroid shift per caption kind.
@@ -34,9 +34,11 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=int, action="append", help="step(s); default: all saved")
     ap.add_argument("--raw", action="store_true", help="the raw weights, not the EMA")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config overrides the run was started with (e.g. work_dir=...)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_config(DecoderPretrainConfig, args.config, [])
+    cfg = load_config(DecoderPretrainConfig, args.config, args.overrides)
     tokenizer = load_toy_tokenizer(cfg.tokenizer)
     torch.manual_seed(cfg.seed)
     parts = _Parts(build_unet(cfg.unet, cfg.image_size, cfg.text_encoder.width),
