@@ -144,6 +144,11 @@ def test_scene_batches_are_a_function_of_seed_and_step():
     assert np.array_equal(first[2][1], resumed[0][1]) and first[2][2] == resumed[0][2]
     assert not np.array_equal(first[0][1], first[1][1])
     assert first[0][1].shape == (2, 3, 16, 16) and first[0][1].dtype == np.uint8
+    # the decoder's single-object first stage (train.max_objects=1)
+    single = [scene for _, _, scenes in SceneBatches(3, 0, 6, 8, 16, scene_options={"max_objects": 1})
+              for scene in scenes]
+    assert {len(scene.objects) for scene in single} == {1}
+    assert {len(scene.objects) for _, _, scenes in first for scene in scenes} != {1}
 
 
 # ----------------------------------------------------------------------------- decoder

@@ -145,6 +145,8 @@ class DecoderTrainSpec:
     ema_decay: float = cfg_field(0.999, gt=0, lt=1)
     caption_dropout: float = cfg_field(0.1, ge=0, le=1, help="share of empty prompts (for CFG)")
     fine_caption_prob: float = cfg_field(0.5, ge=0, le=1, help="share of fine captions (the rest coarse)")
+    max_objects: int = cfg_field(3, ge=1, le=3, help="objects per training scene at most (1: a single-object "
+                                                    "first stage); the gate always uses the full world")
     bf16: bool = cfg_field(True, help="bf16 autocast for forward/backward (weights and optimizer stay fp32)")
     threads: int = cfg_field(2, ge=1, help="torch intra-op threads")
     device: str = cfg_field("cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto' (cuda when available); data and noise "
@@ -501,7 +503,8 @@ def pretrain_decoder(cfg: DecoderPretrainConfig, out: str | Path, resume: str | 
 
     log_path = work / "train_log.jsonl"
     _truncate_log(log_path, start_step)
-    batches = SceneBatches(cfg.seed, start_step, spec.steps, spec.batch_size, cfg.image_size)
+    batches = SceneBatches(cfg.seed, start_step, spec.steps, spec.batch_size, cfg.image_size,
+                           scene_options={"max_objects": spec.max_objects})
     step, window, window_start, stopped_early = start_step, [], time.time(), False
     parts.train()
     text_encoder.train(cfg.text_encoder.trainable)
