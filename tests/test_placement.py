@@ -79,3 +79,15 @@ def test_a_decoder_that_places_scores_1_and_one_that_ignores_position_scores_0(p
         assert placing[granularity]["timestep"] == 792  # the noisiest step with alpha_bar >= 0.1 (cosine)
         # the ignoring decoder puts everything top-left: one lucky corner, and no shift between opposite corners
         assert ignoring[granularity]["hit_rate"] == 0.25 and ignoring[granularity]["shift"] < 1e-4
+
+
+def test_the_read_out_timestep_follows_the_signal_share_asked_for():
+    scheduler = build_noise_scheduler(NoiseSpec(prediction_type="v_prediction"))
+    tok, te = CornerTokenizer(), OneHotTextEncoder()
+    steps = [placement_test(BlobUNet(scheduler, True), te, tok, scheduler, n_noise=2, min_alpha_bar=a)["coarse"]
+             for a in (0.5, 0.1, 0.001)]
+    assert [s["timestep"] for s in steps] == sorted(s["timestep"] for s in steps) and steps[0]["timestep"] < 792
+    alphas = scheduler.alphas_cumprod
+    for a, s in zip((0.5, 0.1, 0.001), steps):
+        assert alphas[s["timestep"]] >= a > alphas[s["timestep"] + 1]
+    assert all(s["hit_rate"] == 1.0 for s in steps)  # the blob decoder places at every noise level

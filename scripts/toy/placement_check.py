@@ -17,7 +17,7 @@ import torch
 
 from vilex.checkpoint import load_tensors
 from vilex.config import load_config
-from vilex.toy.placement import placement_test
+from vilex.toy.placement import MIN_ALPHA_BAR, placement_test
 from vilex.toy.pretrain_decoder import (
     DecoderPretrainConfig,
     _Parts,
@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=int, action="append", help="step(s); default: all saved")
     ap.add_argument("--raw", action="store_true", help="the raw weights, not the EMA")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--min-alpha-bar", type=float, action="append",
+                    help="read E[x0 | caption] at the noisiest step with this signal share (repeatable; default 0.1)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config overrides the run was started with (e.g. work_dir=...)")
     args = ap.parse_args()
@@ -50,11 +52,14 @@ def main() -> None:
         tensors, _ = load_tensors(folder / f"checkpoint-{step}",
                                   **({} if args.raw else {"weights_name": "ema.safetensors"}))
         parts.load_state_dict(tensors, strict=args.raw)
-        with torch.no_grad():
-            result = placement_test(parts.unet, parts.text_encoder, tokenizer, noise_scheduler, seed=cfg.seed)
-        print(json.dumps({"step": step, "weights": "raw" if args.raw else "ema",
-                          **{k: {"hit_rate": v["hit_rate"], "shift": v["shift"]} for k, v in result.items()}}),
-              flush=True)
+        for min_alpha_bar in args.min_alpha_bar or [MIN_ALPHA_BAR]:
+            with torch.no_grad():
+                result = placement_test(parts.unet, parts.text_encoder, tokenizer, noise_scheduler, seed=cfg.seed,
+                                        min_alpha_bar=min_alpha_bar)
+            print(json.dumps({"step": step, "weights": "raw" if args.raw else "ema",
+                              "timestep": result["coarse"]["timestep"],
+                              **{k: {"hit_rate": v["hit_rate"], "shift": v["shift"]} for k, v in result.items()}}),
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -70,14 +70,15 @@ def _predicted_x0(prediction_type: str, x_t: torch.Tensor, pred: torch.Tensor, a
 
 @torch.no_grad()
 def placement_test(unet: Any, text_encoder: Any, tokenizer: Any, noise_scheduler: Any, n_noise: int = 32,
-                   seed: int = 0) -> dict[str, dict[str, Any]]:
-    """{granularity: {"hit_rate", "shift", "hits", "timestep"}} from the x0 prediction at a high-noise timestep."""
+                   seed: int = 0, min_alpha_bar: float = MIN_ALPHA_BAR) -> dict[str, dict[str, Any]]:
+    """{granularity: {"hit_rate", "shift", "hits", "timestep"}} from the x0 prediction at the noisiest timestep
+    whose signal share is at least ``min_alpha_bar``."""
     from vilex.toy.pretrain_decoder import encode_prompts
 
     size = int(unet.config.sample_size)
     prediction_type = noise_scheduler.config.prediction_type
     alphas = noise_scheduler.alphas_cumprod.float()
-    t_max = int(torch.nonzero(alphas >= MIN_ALPHA_BAR).max())
+    t_max = int(torch.nonzero(alphas >= min_alpha_bar).max())
     alpha_bar = alphas[t_max]
     eps = torch.randn(n_noise, 3, size, size, generator=torch.Generator().manual_seed(seed))
     t = torch.full((n_noise,), t_max, device=unet.device)
