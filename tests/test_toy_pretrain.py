@@ -419,3 +419,18 @@ def test_shipped_vilex_config_references_are_made_repository_relative(tmp_path):
     config.write_text(json.dumps(outside))
     repo_relative_references(config, root)
     assert json.loads(config.read_text()) == outside  # paths outside the repository stay absolute
+
+
+def test_high_noise_fraction_draws_that_share_of_timesteps_from_the_noisiest_range():
+    from vilex.errors import ConfigError
+    from vilex.toy.pretrain_decoder import DecoderTrainSpec, sample_timesteps
+
+    plain = sample_timesteps(32, 1000, DecoderTrainSpec(), torch.Generator().manual_seed(5))
+    assert torch.equal(plain, torch.randint(0, 1000, (32,), generator=torch.Generator().manual_seed(5)))  # old runs
+    spec = DecoderTrainSpec(high_noise_fraction=0.25, high_noise_min_t=950)
+    t = sample_timesteps(32, 1000, spec, torch.Generator().manual_seed(5))
+    assert ((t[:8] >= 950) & (t[:8] < 1000)).all() and torch.equal(t[8:], plain[8:])
+    assert torch.equal(t, sample_timesteps(32, 1000, spec, torch.Generator().manual_seed(5)))  # resumable
+    with pytest.raises(ConfigError, match="high_noise_min_t"):
+        sample_timesteps(32, 1000, DecoderTrainSpec(high_noise_fraction=0.5, high_noise_min_t=1000),
+                         torch.Generator().manual_seed(5))

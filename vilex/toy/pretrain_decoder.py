@@ -145,6 +145,9 @@ class DecoderTrainSpec:
     ema_decay: float = cfg_field(0.999, gt=0, lt=1)
     caption_dropout: float = cfg_field(0.1, ge=0, le=1, help="share of empty prompts (for CFG)")
     fine_caption_prob: float = cfg_field(0.5, ge=0, le=1, help="share of fine captions (the rest coarse)")
+    high_noise_fraction: float = cfg_field(0.0, ge=0, le=1, help="share of each batch whose timestep is drawn from "
+                                                                "[high_noise_min_t, T) instead of [0, T)")
+    high_noise_min_t: int = cfg_field(950, ge=0, help="see high_noise_fraction: where the layout is decided")
     max_objects: int = cfg_field(3, ge=1, le=3, help="objects per training scene at most (1: a single-object "
                                                     "first stage); the gate always uses the full world")
     bf16: bool = cfg_field(True, help="bf16 autocast for forward/backward (weights and optimizer stay fp32)")
@@ -291,6 +294,25 @@ def encode_prompts(tokenizer: Any, text_encoder: nn.Module, prompts: Sequence[st
     if ids.shape[1] > tokenizer.model_max_length:
         raise UserError(f"a prompt has {ids.shape[1]} tokens; the text context holds {tokenizer.model_max_length}")
     return text_encoder(input_ids=ids.to(text_encoder.device)).last_hidden_state
+
+
+def sample_timesteps(n: int, num_train_timesteps: int, spec: DecoderTrainSpec, gen: torch.Generator) -> torch.Tensor:
+    """Training timesteps: uniform over [0, T), except that the first ``round(n × high_noise_fraction)`` are
+    uniform over [high_noise_min_t, T).
+
+    Why: at t < ~950 the noisy image itself shows where an object is, so only the noisiest steps teach the UNet to
+    take positions from the caption, and uniform sampling gives them 5 % of the samples. Measured (session 5): a
+    decoder trained uniformly for 4100 steps never placed objects; 300 steps drawn only from [950, 1000) made the
+    same UNet place them (placement hit rate 0.25 -> 1.0 at t = 978). SD3 shifts its timesteps toward high noise
+    for the same reason (composition is decided there).
+    """
+    t = torch.randint(0, num_train_timesteps, (n,), generator=gen)
+    k = round(n * spec.high_noise_fraction)
+    if k:
+        if not 0 <= spec.high_noise_min_t < num_train_timesteps:
+            raise ConfigError(f"train.high_noise_min_t={spec.high_noise_min_t} is outside [0, {num_train_timesteps})")
+        t[:k] = torch.randint(spec.high_noise_min_t, num_train_timesteps, (k,), generator=gen)
+    return t
 
 
 def diffusion_target(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -514,7 +536,7 @@ def pretrain_decoder(cfg: DecoderPretrainConfig, out: str | Path, resume: str | 
             prompts = _choose_captions(scenes, cfg.seed, step_index, spec)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step_index)
             noise = torch.randn(x0.shape, generator=gen)
-            t = torch.randint(0, cfg.noise.num_train_timesteps, (x0.shape[0],), generator=gen)
+            t = sample_timesteps(x0.shape[0], cfg.noise.num_train_timesteps, spec, gen)
             x0, noise, t = x0.to(device), noise.to(device), t.to(device)
             x_t = noise_scheduler.add_noise(x0, noise, t)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.bf16):
