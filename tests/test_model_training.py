@@ -105,6 +105,35 @@ def test_loss_target_per_prediction_type(pixel_folders, ptype):
         assert decoder.diffusion_loss(x0, cond, torch.Generator().manual_seed(3)).mean() > 1e-2
 
 
+def test_high_noise_fraction_moves_that_share_of_the_loss_to_the_noisiest_timesteps(pixel_folders):
+    seen = []
+
+    def spy_predict(decoder):
+        def predict(x_t, t, cond):
+            seen.append(t.clone())
+            return torch.zeros_like(x_t)
+        return predict
+
+    x0 = torch.rand(8, 3, 16, 16) * 2 - 1
+    for fraction in (0.0, 0.5):
+        config = DecoderConfig(type="pixel_unet", name_or_path=str(pixel_folders["v_prediction"]),
+                               high_noise_fraction=fraction, high_noise_min_t=990)
+        decoder = build_frozen_decoder(config)
+        decoder.predict = spy_predict(decoder)
+        decoder.diffusion_loss(x0, decoder.encode_text(None, None, [[]] * 8), torch.Generator().manual_seed(3))
+    uniform, shifted = seen
+    assert (shifted[:4] >= 990).all() and torch.equal(shifted[4:], uniform[4:])
+    assert (uniform < 990).sum() >= 6  # uniform draws land there about 1 % of the time
+    # the default draw is the plain uniform one (configs from before the option reproduce)
+    assert torch.equal(uniform, torch.randint(0, 1000, (8,), generator=_after_normals(x0.shape, 3)))
+
+
+def _after_normals(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    torch.randn(shape, generator=g)
+    return g
+
+
 def test_min_snr_weights(pixel_folders):
     for ptype, expected in (("epsilon", lambda s: torch.clamp(s, max=5) / s),
                             ("v_prediction", lambda s: torch.clamp(s, max=5) / (s + 1)),

@@ -84,6 +84,10 @@ class DecoderConfig:
     dtype: DecoderDType = cfg_field("float32", help="dtype the frozen decoder is held in")
     gradient_checkpointing: bool = cfg_field(False, help="non-reentrant checkpointing in text encoder and UNet")
     snr_gamma: float | None = cfg_field(None, gt=0, help="min-SNR loss weighting gamma (None = plain MSE)")
+    high_noise_fraction: float = cfg_field(0.0, ge=0, le=1, help="share of each batch whose timestep is drawn from "
+                                                                "[high_noise_min_t, T): where the layout is decided "
+                                                                "(vilex/models/timesteps.py)")
+    high_noise_min_t: int = cfg_field(950, ge=0)
     clip_skip: int = cfg_field(0, ge=0, help="0 = last text-encoder layer (the pipelines' default); k = k-th from last")
     channels_last: bool = cfg_field(False, help="hold the UNet in channels-last memory format (faster convolutions "
                                                 "with oneDNN on CPU and tensor cores on GPU; same numbers)")

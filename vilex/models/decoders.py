@@ -38,20 +38,16 @@ from vilex.models.conditioning import SpecialTokens, TextLayout, build_text_cond
 from vilex.models.configs import DecoderConfig
 from vilex.models.coordinates import coordinate_channels, unet_forward
 from vilex.models.registry import FROZEN_DECODERS, load_pretrained
+from vilex.models.timesteps import draw_timesteps
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _draw(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, kind: str,
-          high: int = 0) -> torch.Tensor:
-    """Random normals / ints drawn on the generator's device (reproducible), then moved to ``device``."""
+def _draw_normal(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Standard normals drawn on the generator's device (reproducible), then moved to ``device``."""
     gen_device = generator.device if generator is not None else device
-    if kind == "normal":
-        out = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
-    else:
-        out = torch.randint(0, high, shape, generator=generator, device=gen_device)
-    return out.to(device)
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
 
 
 class FrozenDecoder(nn.Module):
@@ -230,8 +226,9 @@ class FrozenDecoder(nn.Module):
         """Per-sample (B,) denoising loss of the frozen model: one random timestep and noise per sample."""
         x0 = x0.float()
         batch = x0.shape[0]
-        noise = _draw(tuple(x0.shape), generator, x0.device, "normal")
-        t = _draw((batch,), generator, x0.device, "int", high=self.scheduler.config.num_train_timesteps)
+        noise = _draw_normal(tuple(x0.shape), generator, x0.device)
+        t = draw_timesteps(batch, self.scheduler.config.num_train_timesteps, generator,
+                           self.config.high_noise_fraction, self.config.high_noise_min_t, device=x0.device)
         x_t = self.scheduler.add_noise(x0, noise, t)
         pred = self.predict(x_t, t, cond)
         mse = (pred - self.target(x0, noise, t)).pow(2).flatten(1).mean(1)
@@ -273,7 +270,7 @@ class StableDiffusionDecoder(FrozenDecoder):
                                    generator: torch.Generator | None = None) -> torch.Tensor:
         """x0 = (a posterior sample - shift) * scaling_factor; the noise is drawn from ``generator``."""
         shift, scale = self._shift_scale()
-        latents = mean.float() + std.float() * _draw(tuple(mean.shape), generator, mean.device, "normal")
+        latents = mean.float() + std.float() * _draw_normal(tuple(mean.shape), generator, mean.device)
         return (latents - shift) * scale
 
     def to_model_space(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

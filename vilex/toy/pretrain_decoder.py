@@ -43,6 +43,7 @@ from vilex.checkpoint import CheckpointManager, atomic_dir, load_tensors, save_t
 from vilex.config import cfg_field, to_dict
 from vilex.errors import ConfigError, UserError
 from vilex.models.coordinates import COORDINATE_CHANNELS, coordinate_channels, unet_forward
+from vilex.models.timesteps import draw_timesteps
 from vilex.toy import world
 from vilex.toy.placement import placement_test
 from vilex.toy.probe import chance_levels, clear_largest, judge, load_probe, summarize, warmup_cosine
@@ -297,22 +298,12 @@ def encode_prompts(tokenizer: Any, text_encoder: nn.Module, prompts: Sequence[st
 
 
 def sample_timesteps(n: int, num_train_timesteps: int, spec: DecoderTrainSpec, gen: torch.Generator) -> torch.Tensor:
-    """Training timesteps: uniform over [0, T), except that the first ``round(n × high_noise_fraction)`` are
-    uniform over [high_noise_min_t, T).
-
-    Why: at t < ~950 the noisy image itself shows where an object is, so only the noisiest steps teach the UNet to
-    take positions from the caption, and uniform sampling gives them 5 % of the samples. Measured (session 5): a
-    decoder trained uniformly for 4100 steps never placed objects; 300 steps drawn only from [950, 1000) made the
-    same UNet place them (placement hit rate 0.25 -> 1.0 at t = 978). SD3 shifts its timesteps toward high noise
-    for the same reason (composition is decided there).
-    """
-    t = torch.randint(0, num_train_timesteps, (n,), generator=gen)
-    k = round(n * spec.high_noise_fraction)
-    if k:
-        if not 0 <= spec.high_noise_min_t < num_train_timesteps:
-            raise ConfigError(f"train.high_noise_min_t={spec.high_noise_min_t} is outside [0, {num_train_timesteps})")
-        t[:k] = torch.randint(spec.high_noise_min_t, num_train_timesteps, (k,), generator=gen)
-    return t
+    """Training timesteps (vilex/models/timesteps.py): uniform, with ``spec.high_noise_fraction`` of the batch
+    drawn from the noisiest range, where the UNet must take positions from the caption."""
+    try:
+        return draw_timesteps(n, num_train_timesteps, gen, spec.high_noise_fraction, spec.high_noise_min_t)
+    except ConfigError as e:
+        raise ConfigError(f"train.{e}") from None
 
 
 def diffusion_target(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
