@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vilex.toy import world
+from vilex.toy.pretrain_decoder import prompt_ids
 
 MAX_OBJECTS = 3
 BACKGROUNDS: tuple[str, ...] = tuple(world.BACKGROUND_COLOURS)
@@ -69,8 +70,7 @@ class AttributeHead(nn.Module):
 
 def first_eos_index(tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
     """Per caption, the index of its first EOS token in the padded 77-token ids (the encoder's input)."""
-    ids = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=False, return_tensors="pt").input_ids
+    ids = prompt_ids(tokenizer, texts)
     return (ids == tokenizer.eos_token_id).int().argmax(dim=1)
 
 

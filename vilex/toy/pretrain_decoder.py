@@ -290,11 +290,17 @@ def build_noise_scheduler(spec: NoiseSpec) -> Any:
 
 def encode_prompts(tokenizer: Any, text_encoder: nn.Module, prompts: Sequence[str]) -> torch.Tensor:
     """UNet conditioning (B, L, W) as SD1 pipelines build it: pad to the full context, no padding mask."""
+    ids = prompt_ids(tokenizer, prompts)
+    return text_encoder(input_ids=ids.to(text_encoder.device)).last_hidden_state
+
+
+def prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """(B, context) token ids, padded with EOS to the full context (what ``encode_prompts`` feeds the encoder)."""
     ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=False, return_tensors="pt").input_ids
     if ids.shape[1] > tokenizer.model_max_length:
         raise UserError(f"a prompt has {ids.shape[1]} tokens; the text context holds {tokenizer.model_max_length}")
-    return text_encoder(input_ids=ids.to(text_encoder.device)).last_hidden_state
+    return ids
 
 
 def sample_timesteps(n: int, num_train_timesteps: int, spec: DecoderTrainSpec, gen: torch.Generator) -> torch.Tensor:

@@ -41,6 +41,7 @@ from vilex.toy.caption_attributes import (
     AttributeHead,
     attribute_loss,
     first_eos_index,
+    relative_change,
     scene_targets,
     swap_margin_loss,
 )
@@ -251,7 +252,7 @@ def word_sensitivity(text_encoder: nn.Module, tokenizer: Any, seed: int, n: int 
             pairs = [(i, c) for i, c in enumerate(_swap_word(b, kind) for b in base) if c is not None]
             ref = encode_prompts(tokenizer, text_encoder, [base[i] for i, _ in pairs])
             h1 = encode_prompts(tokenizer, text_encoder, [c for _, c in pairs])
-            result[name] = round(float(((h1 - ref).norm(dim=-1) / ref.norm(dim=-1)).mean()), 4)
+            result[name] = round(float(relative_change(ref, h1).mean()), 4)
     return result
 
 
