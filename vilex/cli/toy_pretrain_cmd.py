@@ -160,6 +160,7 @@ def _claims_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=128, help="held-out scenes (default 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--assets", default="assets/toy", help="folder with decoder/ and probe/")
+    p.add_argument("--device", default="auto", help="where to sample: auto (cuda when there is one) | cpu | cuda[:N]")
 
 
 @command("claims", help="measure ViLex's claims (A: 1 token vs caption, B: monotone, D: TFG) for one checkpoint",
@@ -171,7 +172,7 @@ def _claims(args: argparse.Namespace) -> int:
 
     assets = Path(args.assets)
     results, body = measure_checkpoint(args.checkpoint, assets / "decoder", assets / "probe", args.test_split,
-                                       args.out, args.name, args.n, args.seed)
+                                       args.out, args.name, args.n, args.seed, args.device)
     (Path(args.out) / f"{args.name}_claims.md").write_text(body)
     print(json.dumps(results["verdicts"], indent=2))
     return 0
@@ -184,6 +185,7 @@ def _ship_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=128, help="held-out scenes (default 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--assets", default="assets/toy", help="folder with decoder/ and probe/")
+    p.add_argument("--device", default="auto", help="where to sample: auto (cuda when there is one) | cpu | cuda[:N]")
 
 
 @command("ship-vilex", help="ship a finished toy `vilex pretrain` run as assets/toy/vilex, with its claims",
@@ -191,7 +193,7 @@ def _ship_args(p: argparse.ArgumentParser) -> None:
 def _ship_vilex(args: argparse.Namespace) -> int:
     from vilex.toy.claims_report import ship_vilex_run
 
-    metrics = ship_vilex_run(args.run, args.out, args.assets, args.test_split, args.n, args.seed)
+    metrics = ship_vilex_run(args.run, args.out, args.assets, args.test_split, args.n, args.seed, args.device)
     print(json.dumps({"steps_done": metrics["steps_done"], "verdicts": metrics["claims"]["verdicts"]}, indent=2))
     return 0
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from vilex.errors import UserError
+from vilex.train.distributed import resolve_device
 
 
 def labelled_grid(columns: list[torch.Tensor], titles: list[str], rows: int = 8, scale: int = 3):
@@ -41,8 +42,12 @@ def labelled_grid(columns: list[torch.Tensor], titles: list[str], rows: int = 8,
 
 
 def measure_checkpoint(checkpoint: str | Path, decoder: str | Path, probe: str | Path, test_split: str | Path,
-                       out_dir: str | Path, name: str, n: int, seed: int = 0) -> tuple[dict[str, Any], str]:
+                       out_dir: str | Path, name: str, n: int, seed: int = 0, device: str = "auto"
+                       ) -> tuple[dict[str, Any], str]:
     """Claims of one checkpoint on ``n`` scenes of ``test_split``; writes the JSON and PNGs into ``out_dir``.
+
+    ``device``: where the pipeline samples ("auto" = CUDA when there is one). The initial noise is drawn on the
+    CPU from the same seeds, so a GPU measures the same samples up to float rounding.
 
     Returns (results, a markdown body: the two images and the claims tables, with image paths relative to
     ``out_dir``)."""
@@ -52,7 +57,7 @@ def measure_checkpoint(checkpoint: str | Path, decoder: str | Path, probe: str |
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipe = ViLexPipeline.from_pretrained(checkpoint, decoder_name_or_path=decoder)
+    pipe = ViLexPipeline.from_pretrained(checkpoint, decoder_name_or_path=decoder, device=resolve_device(device))
     pipe.set_progress_bar_config(disable=True)
     counts = [k for k in (1, 4, 16) if k <= pipe.num_tokens]
     results, images = evaluate_claims(pipe, load_probe(probe), test_split, n=n, token_counts=counts,
@@ -92,7 +97,7 @@ def repo_relative_references(config_path: Path, root: Path = REPO_ROOT) -> None:
 
 
 def ship_vilex_run(run_dir: str | Path, out: str | Path, assets: str | Path, test_split: str | Path, n: int,
-                   seed: int = 0) -> dict[str, Any]:
+                   seed: int = 0, device: str = "auto") -> dict[str, Any]:
     """Copy the last checkpoint's ``pipeline/`` of a ``vilex pretrain`` run to ``out`` with its measurements.
 
     ``out`` gets the pipeline folder (vit/, pooler/, vilex_config.json), ``claims.md``, the claims PNGs and
@@ -115,7 +120,7 @@ def ship_vilex_run(run_dir: str | Path, out: str | Path, assets: str | Path, tes
         shutil.copytree(ckpt / "pipeline", tmp, dirs_exist_ok=True)
         repo_relative_references(tmp / "vilex_config.json")
         results, body = measure_checkpoint(tmp, assets / "decoder", assets / "probe", test_split, tmp, "shipped",
-                                           n, seed)
+                                           n, seed, device)
         (tmp / "claims.md").write_text(f"# Toy ViLex ({ckpt.name}): claims on {n} held-out scenes of "
                                        f"`{test_split}`\n\n{body}")
         losses = state.get("losses", [])

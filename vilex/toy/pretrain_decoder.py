@@ -44,6 +44,7 @@ from vilex.config import cfg_field, to_dict
 from vilex.errors import ConfigError, UserError
 from vilex.models.coordinates import COORDINATE_CHANNELS, coordinate_channels, unet_forward
 from vilex.models.timesteps import draw_timesteps
+from vilex.train.distributed import resolve_device
 from vilex.toy import world
 from vilex.toy.placement import placement_test
 from vilex.toy.probe import chance_levels, clear_largest, judge, load_probe, summarize, warmup_cosine
@@ -265,19 +266,6 @@ def build_unet(spec: UNetSpec, image_size: int, cross_attention_dim: int) -> nn.
         attention_head_dim=spec.attention_head_dim, norm_num_groups=spec.norm_num_groups,
         addition_embed_type=spec.addition_embed_type, resnet_time_scale_shift=spec.resnet_time_scale_shift,
         addition_embed_type_num_heads=max(1, cross_attention_dim // 16))  # the pooler's heads (diffusers default 64)
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; an unavailable cuda device is a UserError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"train.device: not a torch device: {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"train.device={name}: no CUDA device is available here")
-    return device
 
 
 def build_noise_scheduler(spec: NoiseSpec) -> Any:

@@ -23,6 +23,21 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(name: str) -> torch.device:
+    """A device option: 'auto' -> cuda when available, else cpu; an unavailable cuda device is a UserError."""
+    from vilex.errors import UserError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device: not a torch device: {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name}: no CUDA device is available here")
+    return device
+
+
 def skip_deepspeed_shm_build() -> None:
     """DeepSpeed's CPU accelerator JIT-compiles a shared-memory op at init (~40 s, unused by gloo): skip it."""
     import deepspeed.comm.torch  # noqa: F401
