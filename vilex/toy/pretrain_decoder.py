@@ -474,7 +474,7 @@ def pretrain_decoder(cfg: DecoderPretrainConfig, out: str | Path, resume: str | 
     if cfg.gate.enabled and not (Path(cfg.gate.probe) / "config.json").is_file():
         raise UserError(f"gate.probe: attribute probe not found: {cfg.gate.probe} (train it with `vilex toy "
                         f"train-probe`, or --set gate.enabled=false)")
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, "train.device")
     torch.set_num_threads(cfg.train.threads)
     started = time.time()
     spec = cfg.train

@@ -23,8 +23,9 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_device(name: str) -> torch.device:
-    """A device option: 'auto' -> cuda when available, else cpu; an unavailable cuda device is a UserError."""
+def resolve_device(name: str, option: str = "device") -> torch.device:
+    """A device option (named ``option`` in errors): 'auto' -> cuda when available, else cpu; an unavailable cuda
+    device is a UserError."""
     from vilex.errors import UserError
 
     if name == "auto":
@@ -32,9 +33,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"device: not a torch device: {name!r}") from None
+        raise UserError(f"{option}: not a torch device: {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name}: no CUDA device is available here")
+        raise UserError(f"{option}={name}: no CUDA device is available here")
     return device
 
 
