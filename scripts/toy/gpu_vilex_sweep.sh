@@ -21,7 +21,7 @@ set -u
 START=$(date +%s)
 BUDGET_S=${BUDGET_S:-560}
 OUT=${OUT:-runs/toy/gpu_sweep_out}
-PROBE_STEPS=${PROBE_STEPS:-40}
+PROBE_STEPS=${PROBE_STEPS:-60}
 SHIP_S=${SHIP_S:-110}          # seconds kept for the claims
 TAR_S=${TAR_S:-25}             # seconds kept for the tarballs
 N_CLAIMS=${N_CLAIMS:-128}
@@ -63,7 +63,7 @@ for v in "${VARIANTS[@]}"; do
   rm -rf /tmp/probe_$name
   $PY -m vilex pretrain --config configs/vilex/toy_placing.yaml $sets --set train.max_steps=$PROBE_STEPS \
     --set train.output_dir=/tmp/probe_$name --set val.every=100000 --set train.checkpoint_every=100000 \
-    --set log.tensorboard=false > /tmp/probe_$name.log 2>&1 &
+    --set log.tensorboard=false --set train.log_every=$(( PROBE_STEPS / 3 )) > /tmp/probe_$name.log 2>&1 &
   pids+=($!)
 done
 wait "${pids[@]}"; pids=()
@@ -76,13 +76,17 @@ declare -A STEPS
 for v in "${VARIANTS[@]}"; do
   name=${v%%|*}; sets=$(overrides "${v#*|}")
   s=$($PY - "$name" "$TRAIN_S" <<'EOF'
-import json, sys
+import json, re, sys
+import yaml
 name, budget = sys.argv[1], float(sys.argv[2])
-try:
+try:  # the last logged window's throughput (the first steps carry CUDA start-up), else the whole loop's
+    batch = yaml.safe_load(open(f"/tmp/probe_{name}/config.yaml"))["train"]["micro_batch_size"]
+    rates = re.findall(r"images_per_s=([0-9.]+)", open(f"/tmp/probe_{name}.log").read())
     summ = json.load(open(f"/tmp/probe_{name}/summary.json"))
-    per_step = summ["this_run"]["loop_seconds"] / summ["steps"]
-except (OSError, KeyError, ZeroDivisionError) as e:
+    per_step = batch / float(rates[-1]) if rates else summ["this_run"]["loop_seconds"] / summ["steps"]
+except (OSError, KeyError, ZeroDivisionError, ValueError, TypeError):
     print(0); sys.exit()
+print(f"{name}: {per_step * 1000:.1f} ms/step in the probe", file=sys.stderr)
 print(max(0, int(0.9 * budget / per_step) // 10 * 10))
 EOF
 )
