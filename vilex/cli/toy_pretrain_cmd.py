@@ -186,6 +186,7 @@ def _ship_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--assets", default="assets/toy", help="folder with decoder/ and probe/")
     p.add_argument("--device", default="auto", help="where to sample: auto (cuda when there is one) | cpu | cuda[:N]")
+    p.add_argument("--note", default=None, help="a line for the recipe: how the run was made, if not plainly")
 
 
 @command("ship-vilex", help="ship a finished toy `vilex pretrain` run as assets/toy/vilex, with its claims",
@@ -193,7 +194,8 @@ def _ship_args(p: argparse.ArgumentParser) -> None:
 def _ship_vilex(args: argparse.Namespace) -> int:
     from vilex.toy.claims_report import ship_vilex_run
 
-    metrics = ship_vilex_run(args.run, args.out, args.assets, args.test_split, args.n, args.seed, args.device)
+    metrics = ship_vilex_run(args.run, args.out, args.assets, args.test_split, args.n, args.seed, args.device,
+                             args.note)
     print(json.dumps({"steps_done": metrics["steps_done"], "verdicts": metrics["claims"]["verdicts"]}, indent=2))
     return 0
 

@@ -97,7 +97,7 @@ def repo_relative_references(config_path: Path, root: Path = REPO_ROOT) -> None:
 
 
 def ship_vilex_run(run_dir: str | Path, out: str | Path, assets: str | Path, test_split: str | Path, n: int,
-                   seed: int = 0, device: str = "auto") -> dict[str, Any]:
+                   seed: int = 0, device: str = "auto", note: str | None = None) -> dict[str, Any]:
     """Copy the last checkpoint's ``pipeline/`` of a ``vilex pretrain`` run to ``out`` with its measurements.
 
     ``out`` gets the pipeline folder (vit/, pooler/, vilex_config.json), ``claims.md``, the claims PNGs and
@@ -130,6 +130,8 @@ def ship_vilex_run(run_dir: str | Path, out: str | Path, assets: str | Path, tes
                    "loss_first_10pct": sum(losses[:k]) / k if losses else None,
                    "loss_last_10pct": sum(losses[-k:]) / k if losses else None,
                    "claims": results, "claims_minutes": round((time.time() - started) / 60, 2)}
+        if note:
+            metrics["note"] = note
         wall = (summary.get("this_run") or {}).get("loop_seconds") or 0.0
         write_recipe(tmp, "vilex", config, int(config.get("train", {}).get("seed", 0)), wall, metrics)
     return metrics
