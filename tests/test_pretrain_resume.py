@@ -49,3 +49,32 @@ def test_resume_refuses_other_world_size(world, tmp_path):
     assert again.returncode != 0
     assert "exact resume needs the same" in again.stderr
     shutil.rmtree(out)
+
+
+def test_resume_refuses_other_frozen_decoder_weights(world, tmp_path):
+    """The same decoder path with retrained weights (a re-shipped asset) is another experiment: refuse it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    own = tmp_path / "world"
+    shutil.copytree(world / "decoder", own / "decoder")
+    (own / "data").symlink_to(world / "data")
+    out = tmp_path / "run"
+    common = ["train.checkpoint_every=2", "val.every=1000"]
+    done = run_cli(cli_args(own, out, "train.max_steps=2", *common))
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    copied = tmp_path / "copy"  # a byte-identical copy elsewhere resumes: the fingerprint is of content
+    shutil.copytree(own / "decoder", copied)
+    again = run_cli(cli_args(own, out, "train.max_steps=3", f"model.decoder.name_or_path={copied}", *common)
+                    + ["--resume", "auto"])
+    assert again.returncode == 0, again.stderr[-2000:]
+
+    weights = next((own / "decoder" / "unet").glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = sorted(tensors)[-1]
+    tensors[name] = tensors[name] + 0.01 * torch.randn_like(tensors[name])
+    save_file(tensors, weights)
+    changed = run_cli(cli_args(own, out, "train.max_steps=4", *common) + ["--resume", "auto"])
+    assert changed.returncode != 0
+    assert "frozen_decoder_weights" in changed.stderr and "exact resume needs the same" in changed.stderr

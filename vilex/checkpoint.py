@@ -96,6 +96,31 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         raise
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+FINGERPRINT_CHUNK = 1 << 16
+
+
+def folder_fingerprint(path: str | Path) -> str | None:
+    """A cheap content fingerprint of a local model folder's weight files, or None when ``path`` is not a local
+    folder (a hub id). Hashes each weight file's relative path, size and three 64 KiB samples (start, middle, end):
+    retrained or replaced weights change it, a copy of the same files does not, and a multi-GB model costs a few
+    reads."""
+    import hashlib
+
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(q for q in root.rglob("*") if q.is_file() and q.suffix in WEIGHT_SUFFIXES):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(root).as_posix()}:{size}".encode())
+        with f.open("rb") as fh:
+            for offset in sorted({0, max(0, size // 2 - FINGERPRINT_CHUNK // 2), max(0, size - FINGERPRINT_CHUNK)}):
+                fh.seek(offset)
+                h.update(fh.read(FINGERPRINT_CHUNK))
+    return h.hexdigest()[:16]
+
+
 def save_tensors(folder: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any] | None = None,
                  weights_name: str = WEIGHTS_NAME) -> None:
     """Write ``tensors`` as safetensors and ``config`` as JSON into an (existing) folder."""

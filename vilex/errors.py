@@ -16,3 +16,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A data source that cannot be used (nothing decodes, missing folder, bad format)."""
+
+
+class RunMismatchError(UserError):
+    """A checkpoint that this run cannot resume exactly (other world size, strategy, or frozen decoder weights)."""

@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 
 from vilex.cli.demo_cmd import DemoContext, demo_step
+from vilex.errors import RunMismatchError
 from vilex.toy.claims_report import REPO_ROOT as REPO
 from vilex.toy.claims_report import measure_checkpoint, repo_relative
 
@@ -70,7 +72,12 @@ def step_short_run(ctx: DemoContext) -> None:
         f"train.micro_batch_size={ctx.options.short_batch}",
         f"train.optim.warmup_steps={min(50, steps // 5)}", f"val.every={steps}", f"train.seed={ctx.options.seed}",
     ])
-    summary = pretrain(cfg, resume="auto")
+    try:
+        summary = pretrain(cfg, resume="auto")  # continues a killed demo
+    except RunMismatchError as e:  # a run from before the assets changed: start it over
+        log.warning("%s: %s — removing it and training the short run from scratch", out, e)
+        shutil.rmtree(out)
+        summary = pretrain(cfg, resume="auto")
     losses = summary["losses"]
     k = max(1, len(losses) // 10)
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k

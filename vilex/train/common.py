@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from vilex.checkpoint import CheckpointManager, publish_dir, temp_dir_for
-from vilex.errors import UserError
+from vilex.errors import RunMismatchError, UserError
 from vilex.train import distributed as D
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,8 @@ def check_same_run_shape(folder: Path, saved: dict[str, Any], expected: dict[str
     diff = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
     if diff:
         what = "; ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in diff.items())
-        raise UserError(f"{folder} cannot be resumed by this run ({what}) — exact resume needs the same")
+        raise RunMismatchError(f"{folder} cannot be resumed by this run ({what}) — exact resume needs the same; "
+                               "start a new output_dir (or move this run away)")
 
 
 def attention_kernels(backend: str):

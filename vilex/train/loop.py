@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from vilex.checkpoint import CheckpointManager
+from vilex.checkpoint import CheckpointManager, folder_fingerprint
 from vilex.config import save_config, to_dict
 from vilex.errors import UserError
 from vilex.train import distributed as D
@@ -67,6 +67,9 @@ class Pretrainer:
         self.rank, self.world = self.strategy.rank, self.strategy.world_size
         self.out = Path(tc.output_dir)
         self.ckpts = CheckpointManager(self.out / "checkpoints", keep_last=tc.keep_last)
+        # what the encoder is trained against: a resume against other decoder weights under the same path (a
+        # retrained asset) would silently continue a different experiment
+        self.decoder_weights = folder_fingerprint(cfg.model.decoder.name_or_path)
         self.state = RunState()
         self.writer = None
         self.wandb = None
@@ -164,14 +167,18 @@ class Pretrainer:
                 torch.save(self.ema.state_dict(), tmp / "ema.pt")
             self.model.save_pretrained(tmp / "pipeline")  # loadable on its own (ViLexPipeline.from_pretrained)
             (tmp / "trainer_state.json").write_text(json.dumps(
-                {**self.state.__dict__, "world_size": self.world, "strategy": self.strategy.name}, indent=1))
+                {**self.state.__dict__, "world_size": self.world, "strategy": self.strategy.name,
+                 "frozen_decoder_weights": self.decoder_weights}, indent=1))
 
         return save_distributed(self.ckpts, self.state.step, self.strategy.is_main, every_rank, main_only,
                                 self._full_weights)
 
     def load(self, folder: Path) -> None:
         st = json.loads((folder / "trainer_state.json").read_text())
-        check_same_run_shape(folder, st, {"world_size": self.world, "strategy": self.strategy.name})
+        expected = {"world_size": self.world, "strategy": self.strategy.name}
+        if st.get("frozen_decoder_weights") and self.decoder_weights:  # older checkpoints and hub ids: unchecked
+            expected["frozen_decoder_weights"] = self.decoder_weights
+        check_same_run_shape(folder, st, expected)
         self.state = RunState(**{k: v for k, v in st.items() if k in RunState.__dataclass_fields__})
         if self.strategy.name == "torch":
             self.encoder.load_state_dict(torch.load(folder / "encoder.pt", map_location="cpu", weights_only=True))
