@@ -106,3 +106,21 @@ def test_atomic_dir_exception_cleans_temp(tmp_path):
             (d / "f").write_text("hi")
             raise ValueError
     assert list(tmp_path.iterdir()) == []
+
+
+def test_folder_fingerprint_is_of_weight_content(tmp_path):
+    from vilex.checkpoint import folder_fingerprint
+
+    assert folder_fingerprint("stabilityai/stable-diffusion-2-1") is None  # a hub id: nothing local to read
+    a = tmp_path / "a"
+    (a / "unet").mkdir(parents=True)
+    big = bytes(range(256)) * 2000  # 512 KB: the three samples do not cover it all
+    (a / "unet" / "w.safetensors").write_bytes(big)
+    (a / "unet" / "config.json").write_text("{}")
+    first = folder_fingerprint(a)
+    (a / "unet" / "config.json").write_text('{"comment": 1}')  # not a weight file
+    assert folder_fingerprint(a) == first
+    (a / "unet" / "w.safetensors").write_bytes(big[:-1] + b"\x00")  # the last byte changed
+    assert folder_fingerprint(a) != first
+    (a / "unet" / "w.safetensors").write_bytes(big)
+    assert folder_fingerprint(a) == first
