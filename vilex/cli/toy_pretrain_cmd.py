@@ -161,6 +161,8 @@ def _claims_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--assets", default="assets/toy", help="folder with decoder/ and probe/")
     p.add_argument("--device", default="auto", help="where to sample: auto (cuda when there is one) | cpu | cuda[:N]")
+    p.add_argument("--tfg-scale", type=float, default=None,
+                   help="w of the Text-Free Guidance edit (claim D); default vilex.toy.claims.TFG_SCALE")
 
 
 @command("claims", help="measure ViLex's claims (A: 1 token vs caption, B: monotone, D: TFG) for one checkpoint",
@@ -172,7 +174,8 @@ def _claims(args: argparse.Namespace) -> int:
 
     assets = Path(args.assets)
     results, body = measure_checkpoint(args.checkpoint, assets / "decoder", assets / "probe", args.test_split,
-                                       args.out, args.name, args.n, args.seed, args.device)
+                                       args.out, args.name, args.n, args.seed, args.device,
+                                       args.tfg_scale)
     (Path(args.out) / f"{args.name}_claims.md").write_text(body)
     print(json.dumps(results["verdicts"], indent=2))
     return 0
@@ -186,6 +189,8 @@ def _ship_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--assets", default="assets/toy", help="folder with decoder/ and probe/")
     p.add_argument("--device", default="auto", help="where to sample: auto (cuda when there is one) | cpu | cuda[:N]")
+    p.add_argument("--tfg-scale", type=float, default=None,
+                   help="w of the Text-Free Guidance edit (claim D); default vilex.toy.claims.TFG_SCALE")
     p.add_argument("--note", default=None, help="a line for the recipe: how the run was made, if not plainly")
 
 
@@ -195,7 +200,7 @@ def _ship_vilex(args: argparse.Namespace) -> int:
     from vilex.toy.claims_report import ship_vilex_run
 
     metrics = ship_vilex_run(args.run, args.out, args.assets, args.test_split, args.n, args.seed, args.device,
-                             args.note)
+                             args.note, args.tfg_scale)
     print(json.dumps({"steps_done": metrics["steps_done"], "verdicts": metrics["claims"]["verdicts"]}, indent=2))
     return 0
 

@@ -42,8 +42,8 @@ def labelled_grid(columns: list[torch.Tensor], titles: list[str], rows: int = 8,
 
 
 def measure_checkpoint(checkpoint: str | Path, decoder: str | Path, probe: str | Path, test_split: str | Path,
-                       out_dir: str | Path, name: str, n: int, seed: int = 0, device: str = "auto"
-                       ) -> tuple[dict[str, Any], str]:
+                       out_dir: str | Path, name: str, n: int, seed: int = 0, device: str = "auto",
+                       tfg_scale: float | None = None) -> tuple[dict[str, Any], str]:
     """Claims of one checkpoint on ``n`` scenes of ``test_split``; writes the JSON and PNGs into ``out_dir``.
 
     ``device``: where the pipeline samples ("auto" = CUDA when there is one). The initial noise is drawn on the
@@ -52,7 +52,7 @@ def measure_checkpoint(checkpoint: str | Path, decoder: str | Path, probe: str |
     Returns (results, a markdown body: the two images and the claims tables, with image paths relative to
     ``out_dir``)."""
     from vilex.pipeline import ViLexPipeline
-    from vilex.toy.claims import claims_table, evaluate_claims
+    from vilex.toy.claims import TFG_SCALE, claims_table, evaluate_claims
     from vilex.toy.probe import load_probe
 
     out_dir = Path(out_dir)
@@ -61,7 +61,8 @@ def measure_checkpoint(checkpoint: str | Path, decoder: str | Path, probe: str |
     pipe.set_progress_bar_config(disable=True)
     counts = [k for k in (1, 4, 16) if k <= pipe.num_tokens]
     results, images = evaluate_claims(pipe, load_probe(probe), test_split, n=n, token_counts=counts,
-                                      n_tfg=min(16, n), seed=seed)
+                                      n_tfg=min(16, n), seed=seed,
+                                      tfg_scale=TFG_SCALE if tfg_scale is None else tfg_scale)
     (out_dir / f"{name}_claims.json").write_text(json.dumps(results, indent=2))
     recon_png = out_dir / f"{name}_reconstructions.png"
     cols = [images["_originals"]] + [images[f"vilex_{k}"] for k in counts] + [images["caption_coarse"],
@@ -97,7 +98,8 @@ def repo_relative_references(config_path: Path, root: Path = REPO_ROOT) -> None:
 
 
 def ship_vilex_run(run_dir: str | Path, out: str | Path, assets: str | Path, test_split: str | Path, n: int,
-                   seed: int = 0, device: str = "auto", note: str | None = None) -> dict[str, Any]:
+                   seed: int = 0, device: str = "auto", note: str | None = None,
+                   tfg_scale: float | None = None) -> dict[str, Any]:
     """Copy the last checkpoint's ``pipeline/`` of a ``vilex pretrain`` run to ``out`` with its measurements.
 
     ``out`` gets the pipeline folder (vit/, pooler/, vilex_config.json), ``claims.md``, the claims PNGs and
@@ -120,7 +122,7 @@ def ship_vilex_run(run_dir: str | Path, out: str | Path, assets: str | Path, tes
         shutil.copytree(ckpt / "pipeline", tmp, dirs_exist_ok=True)
         repo_relative_references(tmp / "vilex_config.json")
         results, body = measure_checkpoint(tmp, assets / "decoder", assets / "probe", test_split, tmp, "shipped",
-                                           n, seed, device)
+                                           n, seed, device, tfg_scale)
         (tmp / "claims.md").write_text(f"# Toy ViLex ({ckpt.name}): claims on {n} held-out scenes of "
                                        f"`{test_split}`\n\n{body}")
         losses = state.get("losses", [])
