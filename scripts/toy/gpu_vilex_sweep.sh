@@ -6,7 +6,15 @@
 # The toy models are tiny, so one run keeps a GPU mostly idle (Python launch overhead); four side by side share it.
 # The step budget of each run is set from a short speed probe, so every run finishes its cosine schedule in time.
 #
-# Inputs (beside the repository, as the device tool carries them; see scripts/toy/README.md):
+# Inputs (ignored folders carried to the GPU machine; both optional where the packages and data are already there).
+# Made here, in the repository root, with:
+#   echo /.devcarry/ >> .git/info/exclude; mkdir -p .devcarry; SP=.venv/lib/python3.11/site-packages
+#   tar czf .devcarry/site.tgz -C $SP --exclude=__pycache__ diffusers diffusers-*.dist-info transformers \
+#     transformers-*.dist-info huggingface_hub huggingface_hub-*.dist-info httpx2 httpx2-*.dist-info httpcore2 \
+#     httpcore2-*.dist-info truststore truststore-*.dist-info
+#   (cd runs/toy/vilex_data && tar czf ../../../.devcarry/vilex_data.tgz dataset_info.json dataset_stats.json \
+#     train/images val/images test)      # 6.5 MB; train without masks/metadata reads the same 16000 images
+
 #   .devcarry/site.tgz        pure-Python packages at our pins that the GPU image lacks or has at other versions
 #                             (diffusers, transformers, huggingface_hub, httpx2, httpcore2, truststore), put first
 #                             on PYTHONPATH; torch is the image's own
@@ -15,6 +23,8 @@
 #         its last checkpoint's pipeline/ and trainer_state.json (not the optimizer: no resuming from these), and
 #         its ship folder with claims.md and the PNGs), $OUT/sweep.json
 #
+# Session 6 ran it as: mkdir -p $OUT; BUDGET_S=545 SHIP_S=130 PROBE_STEPS=60 scripts/toy/gpu_vilex_sweep.sh 2>&1 |
+#   tee $OUT/sweep.log  (device carry: .devcarry; 6 runs at ~70-135 ms/step each; 437 s in all)
 # Usage: BUDGET_S=560 scripts/toy/gpu_vilex_sweep.sh 2>&1 | tee sweep.log     (BUDGET_S: seconds from start to the last tarball)
 set -u
 START=$(date +%s)
