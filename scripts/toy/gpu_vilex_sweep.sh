@@ -3,7 +3,7 @@
 # claims of each (`vilex toy ship-vilex`, sampled on the GPU). Written for the lent H200 of session 6 (10-minute
 # commands); it runs anywhere, CPU included (slowly).
 #
-# The toy models are tiny, so one run keeps a GPU mostly idle (Python launch overhead); four side by side share it.
+# The toy models are tiny, so one run keeps a GPU mostly idle (Python launch overhead); several side by side share it.
 # The step budget of each run is set from a short speed probe, so every run finishes its cosine schedule in time.
 #
 # Inputs (ignored folders carried to the GPU machine; both optional where the packages and data are already there).
@@ -14,7 +14,6 @@
 #     httpcore2-*.dist-info truststore truststore-*.dist-info
 #   (cd runs/toy/vilex_data && tar czf ../../../.devcarry/vilex_data.tgz dataset_info.json dataset_stats.json \
 #     train/images val/images test)      # 6.5 MB; train without masks/metadata reads the same 16000 images
-
 #   .devcarry/site.tgz        pure-Python packages at our pins that the GPU image lacks or has at other versions
 #                             (diffusers, transformers, huggingface_hub, httpx2, httpcore2, truststore), put first
 #                             on PYTHONPATH; torch is the image's own
