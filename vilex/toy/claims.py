@@ -124,6 +124,8 @@ def arm_metrics(pred: torch.Tensor, images: torch.Tensor, scenes: list[world.Sce
 # / 0.61 / 0.45, object-region RMSE 0.299 / 0.299 / 0.305 / 0.329 / 0.398 (edited caption: 0.97, 0.359). Sessions
 # 2-5 used w = 3, where the TFG arm over-steers: the objects' colours drift (RMSE above the caption's).
 TFG_SCALE = 1.25
+
+
 def edited_background(scene: world.Scene) -> str | None:
     """A background different from the scene's on which every object colour stays allowed (None if none)."""
     names = list(world.BACKGROUND_COLOURS)

@@ -57,7 +57,8 @@ def measure_checkpoint(checkpoint: str | Path, decoder: str | Path, probe: str |
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipe = ViLexPipeline.from_pretrained(checkpoint, decoder_name_or_path=decoder, device=resolve_device(device, "--device"))
+    pipe = ViLexPipeline.from_pretrained(checkpoint, decoder_name_or_path=decoder,
+                                         device=resolve_device(device, "--device"))
     pipe.set_progress_bar_config(disable=True)
     counts = [k for k in (1, 4, 16) if k <= pipe.num_tokens]
     results, images = evaluate_claims(pipe, load_probe(probe), test_split, n=n, token_counts=counts,
