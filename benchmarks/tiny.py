@@ -36,7 +36,7 @@ def build_tiny_vlm_checkpoints(root: str | Path, seeds: tuple[int, ...] = (0, 1)
 def build_tiny_toy_suite(root: str | Path, n: int = 12, max_per_task: int | None = 3) -> dict[str, Any]:
     """A toy-world dataset under ``root/toy`` and its lmms-eval tasks under ``root/tasks`` (manifest returned)."""
     from benchmarks.toy_tasks import materialize_toy_tasks
-    from vilex.toy.generate import generate_dataset
+    from toy.scenes.generate import generate_dataset
 
     root = Path(root)
     generate_dataset(root / "toy", n=n, seed=0, size=32, splits={"train": 0.5, "test": 0.5},

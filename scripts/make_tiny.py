@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from vilex.models.tiny import build_tiny_pixel_decoder, build_tiny_sd
-from vilex.toy.generate import generate_dataset
+from toy.scenes.generate import generate_dataset
 
 
 def main() -> None:

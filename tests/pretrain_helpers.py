@@ -16,7 +16,7 @@ TINY_CONFIG = REPO / "configs" / "vilex" / "tiny.yaml"
 
 def build_tiny_world(root: Path, decoder: str = "stable_diffusion", n: int = 48) -> Path:
     from vilex.models.tiny import build_tiny_pixel_decoder, build_tiny_sd
-    from vilex.toy.generate import generate_dataset
+    from toy.scenes.generate import generate_dataset
 
     build = build_tiny_sd if decoder == "stable_diffusion" else build_tiny_pixel_decoder
     build(root / "decoder", image_size=16)

@@ -1,12 +1,12 @@
 """The caption-attribute and swap-margin losses that make every padded text-encoder slot carry the caption
-(vilex/toy/caption_attributes.py), and the text-encoder pretraining that uses them."""
+(toy/caption_attributes.py), and the text-encoder pretraining that uses them."""
 from pathlib import Path
 
 import pytest
 import torch
 
-from vilex.toy import world
-from vilex.toy.caption_attributes import (
+from toy.scenes import world
+from toy.caption_attributes import (
     MAX_OBJECTS,
     AttributeHead,
     attribute_loss,
@@ -15,7 +15,7 @@ from vilex.toy.caption_attributes import (
     scene_targets,
     swap_margin_loss,
 )
-from vilex.toy.recipe import heldout_scenes
+from toy.recipe import heldout_scenes
 
 
 def test_scene_targets_hold_each_object_in_caption_order():
@@ -32,7 +32,7 @@ def test_scene_targets_hold_each_object_in_caption_order():
 
 
 def test_first_eos_index_is_the_caption_length_plus_bos():
-    from vilex.toy.tokenizer import load_toy_tokenizer
+    from toy.tokenizer import load_toy_tokenizer
 
     tok = load_toy_tokenizer(Path(__file__).resolve().parents[1] / "assets" / "toy" / "tokenizer")
     texts = ["a large red circle at the top left on a gray background", "a"]

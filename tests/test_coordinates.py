@@ -5,7 +5,7 @@ import torch
 
 from vilex.errors import ConfigError
 from vilex.models.coordinates import coordinate_channels, coordinate_grid, unet_forward, with_coordinates
-from vilex.toy.pretrain_decoder import UNetSpec, build_unet, load_init_unet
+from toy.pretrain_decoder import UNetSpec, build_unet, load_init_unet
 
 TINY_UNET = dict(block_out_channels=[16, 16], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
                  up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])

@@ -38,7 +38,7 @@ def test_fid_and_is_basic_properties():
 def tiny_ckpt(tmp_path_factory):
     from vilex.models import ViLexModel
     from vilex.models.tiny import build_tiny_pixel_decoder, tiny_vilex_config
-    from vilex.toy.generate import generate_dataset
+    from toy.scenes.generate import generate_dataset
 
     root = tmp_path_factory.mktemp("recon")
     decoder = build_tiny_pixel_decoder(root / "decoder", image_size=16)

@@ -1,4 +1,4 @@
-"""The decoder placement test (vilex/toy/placement.py) tells a decoder that draws the object where its caption says
+"""The decoder placement test (toy/placement.py) tells a decoder that draws the object where its caption says
 from one that ignores position words, for every prediction type."""
 from types import SimpleNamespace
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from vilex.toy.placement import CORNERS, placement_captions, placement_test
-from vilex.toy.pretrain_decoder import NoiseSpec, build_noise_scheduler
+from toy.placement import CORNERS, placement_captions, placement_test
+from toy.pretrain_decoder import NoiseSpec, build_noise_scheduler
 
 SIZE = 16
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from vilex.cli.main import main
-from vilex.toy import world
-from vilex.toy.recipe import RECIPE_KEYS, SceneBatches, read_recipe
+from toy.scenes import world
+from toy.recipe import RECIPE_KEYS, SceneBatches, read_recipe
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -26,7 +26,7 @@ TINY_DECODER = [
 
 @pytest.fixture(scope="module")
 def toy_tokenizer(tmp_path_factory):
-    from vilex.toy.tokenizer import train_toy_tokenizer
+    from toy.tokenizer import train_toy_tokenizer
 
     folder = tmp_path_factory.mktemp("tok") / "tokenizer"
     train_toy_tokenizer(folder, n_scenes=300, seed=0)
@@ -47,7 +47,7 @@ def tiny_probe(tmp_path_factory):
 def test_tokenizer_round_trips_every_toy_text_and_words_are_single_tokens(toy_tokenizer):
     from transformers import CLIPTokenizer
 
-    from vilex.toy.tokenizer import decode_text, tokenizer_stats, toy_corpus
+    from toy.tokenizer import decode_text, tokenizer_stats, toy_corpus
 
     tok = CLIPTokenizer.from_pretrained(str(toy_tokenizer))
     texts = toy_corpus(60, seed=7)  # scenes the tokenizer was not trained on
@@ -86,7 +86,7 @@ def _scene(objects, background="gray"):
 
 
 def test_probe_targets_follow_the_largest_object():
-    from vilex.toy.probe import clear_largest, default_labels, probe_targets, scene_facts
+    from toy.probe import clear_largest, default_labels, probe_targets, scene_facts
 
     two = _scene([("circle", "red", 0.10, 0.2, 0.2), ("square", "blue", 0.20, 0.8, 0.5)], background="beige")
     assert scene_facts(two) == {"background": "beige", "count": "2", "shape": "square", "colour": "blue",
@@ -103,7 +103,7 @@ def test_probe_targets_follow_the_largest_object():
 
 
 def test_probe_forward_shapes_save_load_and_judge(tmp_path):
-    from vilex.toy.probe import AttributeProbe, ProbeModelConfig, judge, load_probe, save_probe, summarize
+    from toy.probe import AttributeProbe, ProbeModelConfig, judge, load_probe, save_probe, summarize
 
     probe = AttributeProbe(ProbeModelConfig(image_size=16, channels=[8, 16], hidden=16)).eval()
     images = torch.rand(3, 3, 32, 32) * 2 - 1  # resized to the probe's 16 px inside
@@ -122,7 +122,7 @@ def test_probe_forward_shapes_save_load_and_judge(tmp_path):
 
 
 def test_train_probe_writes_a_loadable_probe_with_a_recipe(tiny_probe):
-    from vilex.toy.probe import load_probe
+    from toy.probe import load_probe
 
     probe = load_probe(tiny_probe)
     assert probe.config.image_size == 16 and probe.labels["count"] == ["1", "2", "3"]
@@ -163,7 +163,7 @@ def test_pretrain_decoder_writes_a_pixel_unet_folder_that_vilex_loads(tmp_path, 
 
     from vilex.models.configs import DecoderConfig
     from vilex.models.decoders import build_frozen_decoder
-    from vilex.toy.pretrain_decoder import encode_prompts
+    from toy.pretrain_decoder import encode_prompts
 
     out = tmp_path / "decoder"
     assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, out, "--set", "train.steps=3",
@@ -361,7 +361,7 @@ def test_text_encoder_continues_a_pretrained_one_with_the_attribute_and_swap_mar
 
 
 def test_word_swaps_change_exactly_one_word_of_the_named_kind():
-    from vilex.toy.pretrain_text_encoder import _swap_word
+    from toy.pretrain_text_encoder import _swap_word
 
     caption = "a large green diamond at the middle left and a small red circle at the top center on a white background"
     assert _swap_word(caption, "background").endswith("on a beige background")
@@ -373,7 +373,7 @@ def test_word_swaps_change_exactly_one_word_of_the_named_kind():
 
 
 def test_sigmoid_loss_treats_equal_captions_as_positives_and_chance_counts_duplicates():
-    from vilex.toy.pretrain_siglip import retrieval_chance, sigmoid_loss_with_duplicates
+    from toy.pretrain_siglip import retrieval_chance, sigmoid_loss_with_duplicates
 
     logits = torch.tensor([[5.0, 5.0, -5.0], [5.0, 5.0, -5.0], [-5.0, -5.0, 5.0]])
     low = sigmoid_loss_with_duplicates(logits, ["a", "a", "b"])
@@ -386,8 +386,8 @@ def test_sigmoid_loss_treats_equal_captions_as_positives_and_chance_counts_dupli
 
 
 def test_hard_negatives_differ_in_one_word_and_a_negative_equal_to_a_caption_is_its_positive():
-    from vilex.toy.pretrain_text_encoder import hard_negative_captions, sigmoid_loss_rows
-    from vilex.toy.recipe import heldout_scenes
+    from toy.pretrain_text_encoder import hard_negative_captions, sigmoid_loss_rows
+    from toy.recipe import heldout_scenes
 
     scenes = heldout_scenes(0, 16)
     texts = [world.caption_coarse(s) for s in scenes[:8]] + [world.caption_fine(s) for s in scenes[8:]]
@@ -403,7 +403,7 @@ def test_hard_negatives_differ_in_one_word_and_a_negative_equal_to_a_caption_is_
 
 
 def test_shipped_vilex_config_references_are_made_repository_relative(tmp_path):
-    from vilex.toy.claims_report import repo_relative_references
+    from toy.claims_report import repo_relative_references
 
     root = tmp_path / "repo"
     (root / "assets" / "toy" / "decoder").mkdir(parents=True)
@@ -423,7 +423,7 @@ def test_shipped_vilex_config_references_are_made_repository_relative(tmp_path):
 
 def test_high_noise_fraction_draws_that_share_of_timesteps_from_the_noisiest_range():
     from vilex.errors import ConfigError
-    from vilex.toy.pretrain_decoder import DecoderTrainSpec, sample_timesteps
+    from toy.pretrain_decoder import DecoderTrainSpec, sample_timesteps
 
     plain = sample_timesteps(32, 1000, DecoderTrainSpec(), torch.Generator().manual_seed(5))
     assert torch.equal(plain, torch.randint(0, 1000, (32,), generator=torch.Generator().manual_seed(5)))  # old runs

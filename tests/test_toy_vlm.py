@@ -13,9 +13,9 @@ from benchmarks.toy_task_fns import doc_to_text
 from vilex.cli.main import main as vilex_main
 from vilex.config import load_config, to_dict
 from vilex.errors import DataError, UserError
-from vilex.toy.generate import generate_dataset
-from vilex.toy.pretrain_llm import LLMPretrainConfig, pretrain_llm
-from vilex.toy.vlm_data import chance_levels, write_vlm_data
+from toy.scenes.generate import generate_dataset
+from toy.pretrain_llm import LLMPretrainConfig, pretrain_llm
+from toy.vlm_data import chance_levels, write_vlm_data
 from vlm.config import VLMConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from vilex.cli.main import main
-from vilex.errors import UserError
-from vilex.toy import world
-from vilex.toy.contact_sheet import make_contact_sheet
-from vilex.toy.generate import generate_dataset, parse_splits, read_metadata, split_counts
+from toy.scenes import ToyWorldError
+from toy.scenes import world
+from toy.scenes.contact_sheet import make_contact_sheet
+from toy.scenes.generate import generate_dataset, parse_splits, read_metadata, split_counts
 
 N, SEED, SIZE = 40, 3, 32
 
@@ -98,11 +98,11 @@ def test_split_counts_and_bad_splits():
     assert split_counts(40, {"train": 0.8, "val": 0.1, "test": 0.1}) == {"train": 32, "val": 4, "test": 4}
     assert split_counts(11, {"train": 0.8, "val": 0.1, "test": 0.1}) == {"train": 9, "val": 1, "test": 1}
     assert parse_splits("train=0.5, test=0.5") == {"train": 0.5, "test": 0.5}
-    with pytest.raises(UserError, match="n=2 leaves splits 'val', 'test' empty; raise n or drop those splits"):
+    with pytest.raises(ToyWorldError, match="n=2 leaves splits 'val', 'test' empty; raise n or drop those splits"):
         split_counts(2, {"train": 0.8, "val": 0.1, "test": 0.1})
-    with pytest.raises(UserError, match="must sum to 1, got 0.9"):
+    with pytest.raises(ToyWorldError, match="must sum to 1, got 0.9"):
         parse_splits("train=0.8,val=0.1")
-    with pytest.raises(UserError, match="bad split 'val=x'"):
+    with pytest.raises(ToyWorldError, match="bad split 'val=x'"):
         parse_splits("train=0.9,val=x")
 
 

@@ -5,7 +5,7 @@ Each builder writes a folder in the layout the real weights come in, so the code
 
 * ``build_tiny_tokenizer``  a byte-level BPE tokenizer trained here on a few sentences (so merges exist and a
                              segment boundary can really break a merge) or on a given corpus (the toy LLM's, see
-                             vilex/toy/pretrain_llm.py), ChatML special tokens and a ChatML chat template written
+                             toy/pretrain_llm.py), ChatML special tokens and a ChatML chat template written
                              here; saved with ``save_pretrained``.
 * ``build_tiny_llm``         a randomly initialised Qwen2 or Llama causal LM + that tokenizer in one folder.
 * ``build_tiny_vilex_checkpoint`` a stage-1 ViLex checkpoint folder (vit/, pooler/, vilex_config.json) written by the

@@ -29,7 +29,7 @@ import torch
 
 def build_world(root: Path) -> Path:
     from vilex.models.tiny import build_small_sd
-    from vilex.toy.generate import generate_dataset
+    from toy.scenes.generate import generate_dataset
 
     if not (root / "decoder" / "model_index.json").exists():
         build_small_sd(root / "decoder")

@@ -1,4 +1,4 @@
-"""Placement test (vilex/toy/placement.py) on a decoder run's training checkpoints, while it trains.
+"""Placement test (toy/placement.py) on a decoder run's training checkpoints, while it trains.
 
 The decoder gate runs the placement test once, at the end; a from-scratch run is worth watching earlier:
 
@@ -17,15 +17,15 @@ import torch
 
 from vilex.checkpoint import load_tensors
 from vilex.config import load_config
-from vilex.toy.placement import MIN_ALPHA_BAR, placement_test
-from vilex.toy.pretrain_decoder import (
+from toy.placement import MIN_ALPHA_BAR, placement_test
+from toy.pretrain_decoder import (
     DecoderPretrainConfig,
     _Parts,
     build_noise_scheduler,
     build_unet,
     load_or_build_text_encoder,
 )
-from vilex.toy.tokenizer import load_toy_tokenizer
+from toy.tokenizer import load_toy_tokenizer
 
 
 def main() -> None:

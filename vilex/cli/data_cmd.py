@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from vilex.cli.main import command
+from vilex.cli.main import command, command_group
+
+command_group("data", "inspect image sources through the data layer")
 
 
 def _configure(p: argparse.ArgumentParser) -> None:

@@ -1,11 +1,12 @@
 """cli/main.py — the ``vilex`` console script.
 
-Each subcommand is a ``Command`` registered in ``COMMANDS`` by a small module under
-``vilex/cli/`` (listed in ``_COMMAND_MODULES``). Modules keep heavy imports (torch, diffusers)
-inside their ``run`` functions so ``vilex --help`` stays instant.
+Each subcommand is a ``Command`` registered in ``COMMANDS`` by a command module. The command modules are the
+``vilex.commands`` entry points of the installed packages (pyproject.toml), so each package (``vilex``, ``vlm``,
+``benchmarks``, ``toy``) adds its own commands and this module names none of them. Modules keep heavy imports
+(torch, diffusers) inside their ``run`` functions so ``vilex --help`` stays instant.
 
-User errors (``vilex.errors.UserError``: bad config, missing file, bad data) print one line
-``error: …`` to stderr and exit with code 2; no traceback.
+User errors (``vilex.errors.UserError``: bad config, missing file, bad data; and any type a package adds with
+``register_user_errors``) print one line ``error: …`` to stderr and exit with code 2; no traceback.
 """
 from __future__ import annotations
 
@@ -35,23 +36,22 @@ class Command:
 
 COMMANDS: Registry[Command] = Registry("command")
 
-# Modules whose import registers commands. Order = order in `vilex --help`.
-_COMMAND_MODULES: list[str] = []
-_OPTIONAL_MODULES: list[str] = [  # stages that register themselves when present
-    "vilex.cli.toy_cmd",
-    "vilex.cli.toy_pretrain_cmd",
-    "vilex.cli.data_cmd",
-    "vilex.cli.demo_cmd",
-    "vilex.cli.stage1_cmd",
-    "vilex.cli.train_cmd",
-    "vlm.cli",
-    "benchmarks.cli",
-]
+COMMAND_ENTRY_POINTS = "vilex.commands"  # entry-point group: NAME = "package.module" whose import registers commands
+# Exception types (besides UserError) that mean "the user's input was wrong": one line, exit code 2.
+USER_ERRORS: list[type[Exception]] = [UserError]
 
-_GROUP_HELP = {
-    "toy": "the procedural toy world: generate data, pretrain the toy models",
-    "data": "inspect image sources through the data layer",
-}
+
+def register_user_errors(*types: type[Exception]) -> None:
+    """Let a package's own argument-error types read as user errors in the CLI (one line, exit code 2)."""
+    USER_ERRORS.extend(t for t in types if t not in USER_ERRORS)
+
+
+GROUP_HELP: dict[str, str] = {}  # "vilex GROUP …" -> its help line (see command_group)
+
+
+def command_group(name: str, help: str) -> None:
+    """Describe a command group (``vilex NAME SUBCOMMAND``) for ``vilex --help``."""
+    GROUP_HELP[name] = help
 
 
 def command(name: str, help: str, group: str | None = None):
@@ -76,14 +76,15 @@ def add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 
 def _load_command_modules() -> None:
-    for mod in _COMMAND_MODULES:
-        importlib.import_module(mod)
-    for mod in _OPTIONAL_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name is None or not mod.startswith(e.name):
-                raise
+    """Import every registered command module, sorted by entry-point name (= the order in ``vilex --help``)."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group=COMMAND_ENTRY_POINTS)
+    if not found:
+        raise RuntimeError(f"no '{COMMAND_ENTRY_POINTS}' entry points: the package is not installed; run `make install` "
+                           "(or `pip install -e .`)")
+    for ep in sorted(found, key=lambda ep: ep.name):
+        importlib.import_module(ep.value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         target = sub
         if cmd.group:
             if cmd.group not in groups:
-                gp = sub.add_parser(cmd.group, help=_GROUP_HELP.get(cmd.group, cmd.group),
-                                    description=_GROUP_HELP.get(cmd.group))
+                gp = sub.add_parser(cmd.group, help=GROUP_HELP.get(cmd.group, cmd.group),
+                                    description=GROUP_HELP.get(cmd.group))
                 groups[cmd.group] = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
                 gp.set_defaults(_group_parser=gp)
             target = groups[cmd.group]
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         return int(run(args) or 0)
-    except UserError as e:
+    except tuple(USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

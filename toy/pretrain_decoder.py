@@ -45,10 +45,10 @@ from vilex.errors import ConfigError, UserError
 from vilex.models.coordinates import COORDINATE_CHANNELS, coordinate_channels, unet_forward
 from vilex.models.timesteps import draw_timesteps
 from vilex.train.distributed import resolve_device
-from vilex.toy import world
-from vilex.toy.placement import placement_test
-from vilex.toy.probe import chance_levels, clear_largest, judge, load_probe, summarize, warmup_cosine
-from vilex.toy.recipe import (
+from toy.scenes import world
+from toy.placement import placement_test
+from toy.probe import chance_levels, clear_largest, judge, load_probe, summarize, warmup_cosine
+from toy.recipe import (
     SceneBatches,
     Stream,
     images_to_unit_range,
@@ -57,7 +57,7 @@ from vilex.toy.recipe import (
     toy_rng,
     write_recipe,
 )
-from vilex.toy.tokenizer import load_toy_tokenizer
+from toy.tokenizer import load_toy_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ def gate_scenes(seed: int, n: int) -> tuple[list[world.Scene], int]:
 def decoder_quality_gate(unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, noise_scheduler: Any,
                          probe_dir: str | Path, spec: DecoderGateSpec, seed: int) -> tuple[dict[str, Any], Any]:
     """Sample held-out captions (even index: coarse, odd: fine), judge them with the probe; (metrics, sheet)."""
-    from vilex.toy.contact_sheet import make_contact_sheet
+    from toy.scenes.contact_sheet import make_contact_sheet
 
     probe = load_probe(probe_dir)
     scenes, drawn = gate_scenes(seed, spec.n_scenes)
@@ -393,7 +393,7 @@ def gate_decoder_folder(decoder_dir: str | Path, spec: DecoderGateSpec, seed: in
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from vilex.toy.recipe import RECIPE_NAME, read_recipe
+    from toy.recipe import RECIPE_NAME, read_recipe
 
     folder = Path(decoder_dir)
     if not (folder / "unet").is_dir():

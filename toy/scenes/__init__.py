@@ -1,4 +1,7 @@
-"""vilex.toy — the procedural toy world: scenes of coloured shapes with exact scene graphs.
+"""toy.scenes — the procedural toy world's scenes: coloured shapes with exact scene graphs.
+
+A leaf: it needs only numpy and PIL, so ``benchmarks`` and the tests may import it (nothing else in ``toy`` may be
+imported from below).
 
 Public API (stable; the data layer, stage-0 pretraining, the judge and the probes call it):
 
@@ -10,8 +13,9 @@ Public API (stable; the data layer, stage-0 pretraining, the judge and the probe
 - ``generate_dataset(out, n, seed, size, splits) -> stats``; ``read_metadata(split_dir)``
 - ``make_contact_sheet(images, captions)``, ``contact_sheet_from_split(split_dir, out_png)``
 """
-from vilex.toy.contact_sheet import contact_sheet_from_split, make_contact_sheet
-from vilex.toy.generate import (
+from toy.scenes.contact_sheet import contact_sheet_from_split, make_contact_sheet
+from toy.scenes.errors import ToyWorldError
+from toy.scenes.generate import (
     DEFAULT_SPLITS,
     compute_stats,
     generate_dataset,
@@ -19,7 +23,7 @@ from vilex.toy.generate import (
     read_metadata,
     split_counts,
 )
-from vilex.toy.world import (
+from toy.scenes.world import (
     ACHROMATIC_COLOURS,
     BACKGROUND_COLOURS,
     COARSE_SIZE_WORDS,
@@ -53,7 +57,7 @@ from vilex.toy.world import (
 )
 
 __all__ = [
-    "ACHROMATIC_COLOURS", "BACKGROUND_COLOURS", "COARSE_SIZE_WORDS", "DEFAULT_SPLITS", "FINE_SIZE_WORDS",
+    "ACHROMATIC_COLOURS", "ToyWorldError", "BACKGROUND_COLOURS", "COARSE_SIZE_WORDS", "DEFAULT_SPLITS", "FINE_SIZE_WORDS",
     "GENERATOR_VERSION", "GRID3_COLS", "GRID3_ROWS", "OBJECT_COLOURS", "QA", "QA_TYPES", "SHAPES", "SIZE_RANGE",
     "Scene", "ToyObject", "allowed_object_colours", "caption_coarse", "caption_fine", "compute_stats",
     "contact_sheet_from_split", "generate_dataset", "grid3_cell", "grid3_name", "grid5_cell", "label_map",

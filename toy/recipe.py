@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vilex.toy import world
+from toy.scenes import world
 
 RECIPE_NAME = "recipe.json"
 RECIPE_KEYS = ("asset", "config", "seed", "git_commit", "git_dirty", "wall_time_s", "metrics")

@@ -8,11 +8,11 @@ on the toy world's text. Two parts, one folder (``out/``, a plain HF folder load
   its merges learned on the documents of the first ``tokenizer.corpus_steps`` training steps (so the template's
   fixed text — the default system prompt, the QA instruction — becomes a few tokens);
 * model: a ``Qwen2ForCausalLM`` (~0.5M parameters, tied embeddings) trained with next-token loss on toy documents
-  drawn fresh every step from ``Stream.TRAIN`` scenes (``vilex.toy.recipe``):
+  drawn fresh every step from ``Stream.TRAIN`` scenes (``toy.recipe``):
     - captions (``caption_docs`` per scene: coarse or fine, or both) as plain text ending in ``<|endoftext|>``;
     - ChatML QA (the ``instruct`` template's format, rendered by the tokenizer's chat template): the first user turn
       holds a caption where the VLM will have ``<image>``, then every question of the scene, each with the suite's
-      QA instruction (``vilex.toy.vlm_data.chat_qa_messages``), in a random order;
+      QA instruction (``toy.vlm_data.chat_qa_messages``), in a random order;
     - ChatML caption requests (``CAPTION_PROMPT`` after a fine caption -> the coarse caption), with ``caption_chat_prob``.
   Documents are packed into rows of ``train.pack_length`` with position ids restarting per document (no attention
   across documents; ``vlm.packing.Collator``). Plain text learns every token; chat documents go through the VLM's
@@ -45,10 +45,10 @@ from torch.nn import functional as F
 from vilex.checkpoint import atomic_dir
 from vilex.config import cfg_field, to_dict
 from vilex.errors import ConfigError
-from vilex.toy import world
-from vilex.toy.probe import warmup_cosine
-from vilex.toy.recipe import Stream, heldout_scenes, toy_rng, write_recipe
-from vilex.toy.vlm_data import CAPTION_PROMPT, chance_levels, chat_qa_messages
+from toy.scenes import world
+from toy.probe import warmup_cosine
+from toy.recipe import Stream, heldout_scenes, toy_rng, write_recipe
+from toy.vlm_data import CAPTION_PROMPT, chance_levels, chat_qa_messages
 
 log = logging.getLogger(__name__)
 

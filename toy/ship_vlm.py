@@ -71,7 +71,7 @@ def ship_vlm_run(run_dir: str | Path, out: str | Path, stage: str = "instruct",
     recipe; returns the recipe's metrics. ``llm_storage_dtype`` ("bfloat16") stores the trained LLM's weights in
     half the bytes (the model still loads in its configured dtype; evaluate the shipped folder, not the run)."""
     from vilex.checkpoint import atomic_dir
-    from vilex.toy.recipe import write_recipe
+    from toy.recipe import write_recipe
     from vlm.model import CONFIG_FILE, resolve_checkpoint
 
     run_dir, out = Path(run_dir), Path(out)

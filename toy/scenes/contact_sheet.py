@@ -1,4 +1,4 @@
-"""toy/contact_sheet.py — a PNG grid of images with their captions written below each one.
+"""toy/scenes/contact_sheet.py — a PNG grid of images with their captions written below each one.
 
 Small images are upscaled with NEAREST (every toy pixel stays a crisp block) and captions are
 word-wrapped to the tile width with PIL's default font, so the sheet needs no font files.
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from vilex.errors import UserError
+from toy.scenes.errors import ToyWorldError
 
 
 def _wrap(text: str, draw: ImageDraw.ImageDraw, font, width: int) -> list[str]:
@@ -39,9 +39,9 @@ def make_contact_sheet(
     """A white sheet of ``columns`` tiles per row: the image upscaled to ``image_px`` and its caption
     wrapped below (at most ``caption_lines`` lines; a longer caption ends with "…")."""
     if len(images) != len(captions):
-        raise UserError(f"contact sheet: {len(images)} images but {len(captions)} captions")
+        raise ToyWorldError(f"contact sheet: {len(images)} images but {len(captions)} captions")
     if not images:
-        raise UserError("contact sheet: no images")
+        raise ToyWorldError("contact sheet: no images")
     font = ImageFont.load_default(size=font_size)
     line_h = font_size + 3
     pad = 6
@@ -64,7 +64,7 @@ def make_contact_sheet(
 
 def contact_sheet_from_split(split_dir: str | Path, out_png: str | Path, n: int = 24, **kwargs) -> Path:
     """Contact sheet of the first ``n`` scenes of a toy split (coarse captions), saved to ``out_png``."""
-    from vilex.toy.generate import read_metadata
+    from toy.scenes.generate import read_metadata
 
     split_dir, out_png = Path(split_dir), Path(out_png)
     rows = read_metadata(split_dir)[:n]

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vilex.toy import world
-from vilex.toy.pretrain_decoder import prompt_ids
+from toy.scenes import world
+from toy.pretrain_decoder import prompt_ids
 
 MAX_OBJECTS = 3
 BACKGROUNDS: tuple[str, ...] = tuple(world.BACKGROUND_COLOURS)

@@ -1,4 +1,4 @@
-"""toy/generate.py — write a toy-world dataset to disk (``vilex toy generate``).
+"""toy/scenes/generate.py — write a toy-world dataset to disk (``vilex toy generate``).
 
 Layout (read by the data layer's folder and parquet sources and by lmms-eval local tasks)::
 
@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vilex.errors import UserError
-from vilex.toy import world
+from toy.scenes.errors import ToyWorldError
+from toy.scenes import world
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +73,19 @@ def parse_splits(text: str) -> dict[str, float]:
         except ValueError:
             fraction = float("nan")
         if not sep or not _SPLIT_NAME.match(name) or not fraction > 0:
-            raise UserError(f"bad split '{part}' in --splits '{text}': expected NAME=FRACTION with FRACTION > 0")
+            raise ToyWorldError(f"bad split '{part}' in --splits '{text}': expected NAME=FRACTION with FRACTION > 0")
         if name in splits:
-            raise UserError(f"split '{name}' appears twice in --splits '{text}'")
+            raise ToyWorldError(f"split '{name}' appears twice in --splits '{text}'")
         splits[name] = fraction
     if not splits:
-        raise UserError(f"--splits '{text}' names no split")
+        raise ToyWorldError(f"--splits '{text}' names no split")
     return _check_fractions(splits)
 
 
 def _check_fractions(splits: dict[str, float]) -> dict[str, float]:
     total = sum(splits.values())
     if abs(total - 1.0) > 1e-6:
-        raise UserError(f"split fractions must sum to 1, got {total:g} for {splits}")
+        raise ToyWorldError(f"split fractions must sum to 1, got {total:g} for {splits}")
     return dict(splits)
 
 
@@ -99,7 +99,7 @@ def split_counts(n: int, splits: dict[str, float]) -> dict[str, int]:
     empty = [k for k, c in counts.items() if c == 0]
     if empty:
         names = ", ".join(f"'{k}'" for k in empty)
-        raise UserError(f"n={n} leaves split{'s' if len(empty) > 1 else ''} {names} empty; raise n or drop "
+        raise ToyWorldError(f"n={n} leaves split{'s' if len(empty) > 1 else ''} {names} empty; raise n or drop "
                         f"{'those splits' if len(empty) > 1 else 'that split'}")
     return counts
 
@@ -170,26 +170,26 @@ def generate_dataset(
 
 def _validate(n: int, seed: int, size: int, max_objects: int) -> None:
     if not isinstance(n, int) or n < 1:
-        raise UserError(f"n (number of scenes) must be an integer >= 1, got {n!r}")
+        raise ToyWorldError(f"n (number of scenes) must be an integer >= 1, got {n!r}")
     if not isinstance(seed, int) or seed < 0:
-        raise UserError(f"seed must be an integer >= 0, got {seed!r}")
+        raise ToyWorldError(f"seed must be an integer >= 0, got {seed!r}")
     if not isinstance(size, int) or not MIN_SIZE <= size <= MAX_SIZE:
-        raise UserError(f"size must be an integer in [{MIN_SIZE}, {MAX_SIZE}] pixels, got {size!r}")
+        raise ToyWorldError(f"size must be an integer in [{MIN_SIZE}, {MAX_SIZE}] pixels, got {size!r}")
     if not isinstance(max_objects, int) or not 1 <= max_objects <= 3:
-        raise UserError(f"max_objects must be 1, 2 or 3, got {max_objects!r}")
+        raise ToyWorldError(f"max_objects must be 1, 2 or 3, got {max_objects!r}")
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
     if not out.is_dir():
-        raise UserError(f"output path {out} exists and is not a folder")
+        raise ToyWorldError(f"output path {out} exists and is not a folder")
     if not any(out.iterdir()):
         return
     if not overwrite:
-        raise UserError(f"output folder {out} is not empty; pass --overwrite to replace a toy dataset there")
+        raise ToyWorldError(f"output folder {out} is not empty; pass --overwrite to replace a toy dataset there")
     if not (out / INFO_NAME).is_file():
-        raise UserError(f"refusing to overwrite {out}: it is not a toy dataset (no {INFO_NAME})")
+        raise ToyWorldError(f"refusing to overwrite {out}: it is not a toy dataset (no {INFO_NAME})")
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -220,7 +220,7 @@ def _write_scene(split_dir: Path, split: str, index: int, seed: int, size: int, 
         qa = world.questions(scene, scene_rng(seed, index, attempt, 1))
         break
     else:
-        raise UserError(f"could not draw a new distinct scene for index {index} in {MAX_ATTEMPTS_PER_SCENE} "
+        raise ToyWorldError(f"could not draw a new distinct scene for index {index} in {MAX_ATTEMPTS_PER_SCENE} "
                         f"attempts ({len(seen)} drawn); the toy world is exhausted at these settings")
     scene_id = f"scene_{index:06d}"
     _save_png(image, split_dir / "images" / f"{scene_id}.png")
@@ -279,7 +279,7 @@ def _progress(n: int, enabled: bool):
 def _dataset_info(n: int, seed: int, size: int, splits: dict[str, float], counts: dict[str, int],
                   max_objects: int) -> dict[str, Any]:
     return {
-        "generator": "vilex.toy",
+        "generator": "vilex.toy",  # the generator's published name in dataset_info.json (datasets stay byte-identical)
         "generator_version": world.GENERATOR_VERSION,
         "seed": seed,
         "n": n,
@@ -301,7 +301,7 @@ def read_metadata(split_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of ``split_dir/metadata.jsonl``, in file order."""
     path = Path(split_dir) / "metadata.jsonl"
     if not path.is_file():
-        raise UserError(f"no toy metadata at {path}")
+        raise ToyWorldError(f"no toy metadata at {path}")
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
 

@@ -36,8 +36,8 @@ from torch.nn import functional as F
 from vilex.checkpoint import atomic_dir, save_tensors
 from vilex.config import cfg_field, to_dict
 from vilex.errors import ConfigError, UserError
-from vilex.toy import world
-from vilex.toy.caption_attributes import (
+from toy.scenes import world
+from toy.caption_attributes import (
     AttributeHead,
     attribute_loss,
     first_eos_index,
@@ -45,10 +45,10 @@ from vilex.toy.caption_attributes import (
     scene_targets,
     swap_margin_loss,
 )
-from vilex.toy.pretrain_decoder import TextEncoderSpec, encode_prompts, load_or_build_text_encoder
-from vilex.toy.pretrain_siglip import topk_caption_hits
-from vilex.toy.probe import warmup_cosine
-from vilex.toy.recipe import (
+from toy.pretrain_decoder import TextEncoderSpec, encode_prompts, load_or_build_text_encoder
+from toy.pretrain_siglip import topk_caption_hits
+from toy.probe import warmup_cosine
+from toy.recipe import (
     SceneBatches,
     Stream,
     heldout_scenes,
@@ -58,7 +58,7 @@ from vilex.toy.recipe import (
     toy_rng,
     write_recipe,
 )
-from vilex.toy.tokenizer import load_toy_tokenizer
+from toy.tokenizer import load_toy_tokenizer
 
 log = logging.getLogger(__name__)
 

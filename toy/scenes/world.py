@@ -1,4 +1,4 @@
-"""toy/world.py — the procedural toy world: scene graphs, rendering, masks, captions and QA.
+"""toy/scenes/world.py — the procedural toy world: scene graphs, rendering, masks, captions and QA.
 
 A ``Scene`` is a background colour plus 1–3 objects (shape, named colour with a small RGB jitter,
 continuous size and centre). Everything else is a deterministic function of the scene graph:

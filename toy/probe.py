@@ -38,8 +38,8 @@ from torch.nn import functional as F
 from vilex.checkpoint import atomic_dir, load_tensors, save_tensors
 from vilex.config import cfg_field, to_dict
 from vilex.errors import UserError
-from vilex.toy import world
-from vilex.toy.recipe import (
+from toy.scenes import world
+from toy.recipe import (
     SceneBatches,
     heldout_scenes,
     images_to_unit_range,

@@ -6,7 +6,7 @@
 * "stage 1 shipped run": the same measurements for the fully trained toy ViLex shipped in assets/toy/vilex.
 
 Each writes PNGs (originals | ViLex at 1, 4, 16 tokens | coarse caption | fine caption; Text-Free Guidance
-edits) and a metrics table with the claim verdicts (vilex/toy/claims.py) into the report. Missing assets give
+edits) and a metrics table with the claim verdicts (toy/claims.py) into the report. Missing assets give
 a report section saying how to make them, not a crash.
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ import shutil
 from pathlib import Path
 
 
-from vilex.cli.demo_cmd import DemoContext, demo_step
+from toy.demo.context import DemoContext, demo_step
 from vilex.errors import RunMismatchError
-from vilex.toy.claims_report import REPO_ROOT as REPO
-from vilex.toy.claims_report import measure_checkpoint, repo_relative
+from toy.claims_report import REPO_ROOT as REPO
+from toy.claims_report import measure_checkpoint, repo_relative
 
 log = logging.getLogger(__name__)
 

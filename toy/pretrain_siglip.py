@@ -35,9 +35,9 @@ from torch.nn import functional as F
 from vilex.checkpoint import atomic_dir
 from vilex.config import cfg_field, to_dict
 from vilex.errors import ConfigError, UserError
-from vilex.toy import world
-from vilex.toy.probe import warmup_cosine
-from vilex.toy.recipe import (
+from toy.scenes import world
+from toy.probe import warmup_cosine
+from toy.recipe import (
     SceneBatches,
     Stream,
     heldout_scenes,
@@ -47,7 +47,7 @@ from vilex.toy.recipe import (
     toy_rng,
     write_recipe,
 )
-from vilex.toy.tokenizer import load_toy_tokenizer
+from toy.tokenizer import load_toy_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ The prompts are EXACTLY those of the lmms-eval toy suite (``benchmarks.toy_tasks
 ``question + QA_POST_PROMPT`` and the caption request is ``CAPTION_PROMPT``, so a model is evaluated on the prompt it
 was trained with. Image paths are relative to the split folder (use it as ``image_root``).
 
-The toy LLM (vilex/toy/pretrain_llm.py) is pretrained on the text-only side of the same formats
+The toy LLM (toy/pretrain_llm.py) is pretrained on the text-only side of the same formats
 (``chat_qa_messages``): a caption in place of the image, then the question.
 """
 from __future__ import annotations

@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 
 from vilex.metrics import mean_ci95, psnr, ssim
-from vilex.toy import world
-from vilex.toy.probe import AttributeProbe, judge, largest_object, summarize
+from toy.scenes import world
+from toy.probe import AttributeProbe, judge, largest_object, summarize
 
 
 # ----------------------------------------------------------------------------- held-out scenes

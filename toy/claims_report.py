@@ -1,7 +1,7 @@
 """toy/claims_report.py — measure the ViLex claims of one checkpoint and write them as files, and ship a toy run.
 
 ``measure_checkpoint`` is what the demo's stage-1 sections and ``vilex toy claims`` both call: it loads a ViLex
-pipeline folder against the toy decoder, runs every arm of vilex/toy/claims.py on held-out scenes, and writes
+pipeline folder against the toy decoder, runs every arm of toy/claims.py on held-out scenes, and writes
 ``<name>_claims.json``, ``<name>_reconstructions.png`` (originals | ViLex at 1/4/16 tokens | coarse caption | fine
 caption) and ``<name>_compose.png`` (Text-Free Guidance background edits). ``ship_vilex_run`` turns a finished
 ``vilex pretrain`` run into the shipped asset folder (assets/toy/vilex) with a recipe holding those measurements.
@@ -52,8 +52,8 @@ def measure_checkpoint(checkpoint: str | Path, decoder: str | Path, probe: str |
     Returns (results, a markdown body: the two images and the claims tables, with image paths relative to
     ``out_dir``)."""
     from vilex.pipeline import ViLexPipeline
-    from vilex.toy.claims import TFG_SCALE, claims_table, evaluate_claims
-    from vilex.toy.probe import load_probe
+    from toy.claims import TFG_SCALE, claims_table, evaluate_claims
+    from toy.probe import load_probe
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ def measure_checkpoint(checkpoint: str | Path, decoder: str | Path, probe: str |
     return results, body
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def repo_relative(path: str | Path, root: Path = REPO_ROOT) -> str | None:
@@ -108,7 +108,7 @@ def ship_vilex_run(run_dir: str | Path, out: str | Path, assets: str | Path, tes
     import yaml
 
     from vilex.checkpoint import CheckpointManager, atomic_dir
-    from vilex.toy.recipe import write_recipe
+    from toy.recipe import write_recipe
 
     run_dir, assets = Path(run_dir), Path(assets)
     ckpt = CheckpointManager(run_dir / "checkpoints").resolve("auto")

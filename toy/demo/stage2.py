@@ -14,8 +14,8 @@ import json
 import logging
 from pathlib import Path
 
-from vilex.cli.demo_cmd import DemoContext, demo_step
-from vilex.toy.demo_stage1 import ASSETS, REPO
+from toy.demo.context import DemoContext, demo_step
+from toy.demo.stage1 import ASSETS, REPO
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _short_run_config(ctx: DemoContext, data: Path, out: Path, steps: int, sampl
 @demo_step("stage 2 short run")
 def step_vlm_short_run(ctx: DemoContext) -> None:
     """Align + instruct the toy SigLIP VLM for a few steps on the demo data (same trainer and config as shipped)."""
-    from vilex.toy.vlm_data import write_vlm_data
+    from toy.vlm_data import write_vlm_data
     from vlm.train import train_vlm
 
     title = "## Stage 2: short toy VLM run"
@@ -86,7 +86,7 @@ def step_vlm_toy_suite(ctx: DemoContext) -> None:
     from benchmarks.sweep import SweepConfig, run_sweep
     from benchmarks.toy_tasks import TOY_TASKS, materialize_toy_tasks
     from vilex.config import from_dict
-    from vilex.toy.vlm_data import qa_chance, read_split
+    from toy.vlm_data import qa_chance, read_split
 
     title = "## Stage 2: toy VLMs on the toy benchmark suite (lmms-eval)"
     if ctx.options.suite_docs == 0:
