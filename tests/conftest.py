@@ -33,3 +33,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer(tmp_path_factory):
+    """The toy BPE tokenizer trained on 300 scenes' texts (seconds; shared by the toy tests)."""
+    from toy.tokenizer import train_toy_tokenizer
+
+    folder = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_toy_tokenizer(folder, n_scenes=300, seed=0)
+    return folder

@@ -1,11 +1,12 @@
 """Coordinate input channels (vilex/models/coordinates.py): the grid, the channel rule, the zero-initialised
-warm start that keeps a saved UNet's function, and ViLex's frozen decoder running a coordinate UNet."""
+warm start that keeps a saved UNet's function, and ViLex's frozen decoders: the pixel_unet type runs a
+coordinate UNet, the stable_diffusion type calls its UNet with x_t alone."""
 import pytest
 import torch
 
 from vilex.errors import ConfigError
 from vilex.models.coordinates import coordinate_channels, coordinate_grid, unet_forward, with_coordinates
-from toy.pretrain_decoder import UNetSpec, build_unet, load_init_unet
+from toy.decoder_model import UNetSpec, build_unet, load_init_unet
 
 TINY_UNET = dict(block_out_channels=[16, 16], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
                  up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
@@ -84,6 +85,60 @@ def test_frozen_pixel_decoder_runs_a_coordinate_unet(tmp_path):
         moved = unet_forward(decoder.unet, x, t, cond) - decoder.unet(
             torch.cat([x, torch.zeros(1, 2, 16, 16)], 1), t, encoder_hidden_states=cond).sample
     assert moved.abs().max() > 0  # the coordinates are really fed in
+
+
+def _unet_inputs(decoder):
+    """Record the sample tensor every UNet forward receives."""
+    seen = []
+    decoder.unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(
+        (args[0] if args else kwargs["sample"]).detach().clone()), with_kwargs=True)
+    return seen
+
+
+def test_only_the_pixel_unet_decoder_feeds_coordinates(tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    import vilex.models.decoders as decoders
+    from vilex.models.configs import DecoderConfig
+    from vilex.models.tiny import build_tiny_pixel_decoder, build_tiny_sd
+
+    # stable_diffusion: the UNet reads x_t, exactly its latent channels, and the coordinate code is never run
+    sd = decoders.build_frozen_decoder(DecoderConfig(type="stable_diffusion",
+                                                     name_or_path=str(build_tiny_sd(tmp_path / "sd"))))
+    assert type(sd) is decoders.StableDiffusionDecoder and sd.extra_input_channels == 0
+    seen = _unet_inputs(sd)
+    monkeypatch.setattr(decoders, "with_coordinates", lambda *a: pytest.fail("coordinates in the SD decoder"))
+    monkeypatch.setattr(decoders, "coordinate_channels", lambda *a: pytest.fail("coordinates in the SD decoder"))
+    x0 = torch.randn(2, *sd.model_space_shape)
+    cond = sd.encode_text(prompt_ids=sd.tokenize(["a red circle", "a cat"]))
+    with torch.no_grad():
+        sd.diffusion_loss(x0, cond, torch.Generator().manual_seed(0))
+        x_t, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+        assert torch.equal(sd.predict(x_t, t, cond), sd.unet(x_t, t, encoder_hidden_states=cond).sample)
+    assert len(seen) == 3 and all(s.shape == (2, 4, 8, 8) for s in seen)  # 4 latent channels, nothing appended
+    assert torch.equal(seen[1], x_t)
+    # an SD UNet that takes more channels than it predicts is refused at load (nothing is appended for it)
+    folder = tmp_path / "sd"
+    config = UNet2DConditionModel.load_config(str(folder / "unet"))
+    UNet2DConditionModel.from_config({**config, "in_channels": 6}).save_pretrained(str(folder / "unet"))
+    with pytest.raises(ConfigError, match="takes 6 input channels and predicts 4"):
+        decoders.build_frozen_decoder(DecoderConfig(type="stable_diffusion", name_or_path=str(folder)))
+    monkeypatch.undo()
+
+    # pixel_unet with a coordinate UNet: x_t plus the (x, y) grid, every call
+    pixel_folder = build_tiny_pixel_decoder(tmp_path / "pixel", width=32, image_size=16)
+    build_unet(UNetSpec(**TINY_UNET, coordinate_channels=2), 16, 32).save_pretrained(str(pixel_folder / "unet"))
+    pixel = decoders.build_frozen_decoder(DecoderConfig(type="pixel_unet", name_or_path=str(pixel_folder)))
+    assert pixel.extra_input_channels == 2 and pixel.model_space_shape == (3, 16, 16)
+    seen = _unet_inputs(pixel)
+    cond = pixel.encode_text(prompt_ids=pixel.tokenize(["a red circle", "a cat"]))
+    x_t = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        pixel.predict(x_t, torch.tensor([10, 900]), cond)
+        pixel.diffusion_loss(torch.rand(2, 3, 16, 16) * 2 - 1, cond, torch.Generator().manual_seed(0))
+    assert len(seen) == 2 and all(s.shape == (2, 5, 16, 16) for s in seen)
+    assert torch.equal(seen[0][:, :3], x_t) and torch.equal(seen[0][:, 3:], coordinate_grid(2, 16, 16))
+    assert torch.equal(seen[1][:, 3:], coordinate_grid(2, 16, 16))
 
 
 def test_pooled_text_pathway_options_build_a_diffusers_unet_that_reads_them(tmp_path):

@@ -258,9 +258,13 @@ def test_taildrop_probability_and_short_bias():
 
 
 def test_trainer_api_views_loss_from_tokens_and_posterior(sd_folder, pixel_folders):
+    from vilex.data import DataConfig
+    from vilex.train.data import model_views
+
     model = ViLexModel.from_config(tiny_vilex_config(sd_folder))
-    assert model.image_views() == {"encoder": {"size": 16, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
-                                   "decoder": {"size": 16, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}}
+    views = model_views(model, DataConfig())
+    assert {side: (v.size, v.mean, v.std) for side, v in views.items()} == {
+        "encoder": (16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), "decoder": (16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
     pixels, x0 = _batch(model, 3)
     model.train()
     a = model(pixels, x0, generator=torch.Generator().manual_seed(5))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from toy.placement import CORNERS, placement_captions, placement_test
-from toy.pretrain_decoder import NoiseSpec, build_noise_scheduler
+from toy.decoder_model import NoiseSpec, build_noise_scheduler
 
 SIZE = 16
 

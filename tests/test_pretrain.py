@@ -89,12 +89,12 @@ def test_math_attention_backend_changes_the_kernel_not_the_step(sd_world, tmp_pa
 
 
 def test_latent_cache_hit_miss_and_invalidation(sd_world, tmp_path):
-    from vilex.models import build_vilex_model
+    from vilex.models import ViLexModel
     from vilex.train import latent_cache as lc
     from vilex.train.data import model_views
 
     cfg = _cfg(sd_world, tmp_path)
-    model = build_vilex_model(cfg.model)
+    model = ViLexModel.from_config(cfg.model)
     view = model_views(model, cfg.data.train)["decoder"]
     builds = []
     real_build = lc.build_cache
@@ -140,12 +140,12 @@ def test_latent_cache_hit_miss_and_invalidation(sd_world, tmp_path):
 
 def test_latent_cache_unknown_sample_is_a_clear_error(sd_world, tmp_path):
     from vilex.errors import UserError
-    from vilex.models import build_vilex_model
+    from vilex.models import ViLexModel
     from vilex.train.data import model_views
     from vilex.train.latent_cache import LatentCache
 
     cfg = _cfg(sd_world, tmp_path)
-    model = build_vilex_model(cfg.model)
+    model = ViLexModel.from_config(cfg.model)
     cache = LatentCache.open_or_build(cfg.latent_cache, model.decoder, cfg.data.train,
                                       model_views(model, cfg.data.train)["decoder"])
     with pytest.raises(UserError, match="has no entry for sample 'nope.png': the data changed"):
@@ -199,7 +199,10 @@ def test_nan_guard_stops_after_n_in_a_row_keeping_last_good_checkpoint(pixel_wor
 def test_shipped_real_scale_configs_build_on_meta(name, decoder_id, width):
     from vilex.models.configs import VisionTowerConfig
     from vilex.models.encoder import ViLexEncoder
-    from vilex.models.reference_archs import REFERENCE_ARCHS, build_reference, num_params
+    from vilex.models.reference_archs import REFERENCE_ARCHS, build_reference
+
+    def num_params(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
 
     cfg = load_config(PretrainConfig, REPO / "configs" / "vilex" / f"{name}.yaml")
     assert cfg.model.decoder.name_or_path == decoder_id and cfg.model.pooler.num_tokens == 75

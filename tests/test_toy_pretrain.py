@@ -25,18 +25,10 @@ TINY_DECODER = [
 
 
 @pytest.fixture(scope="module")
-def toy_tokenizer(tmp_path_factory):
-    from toy.tokenizer import train_toy_tokenizer
-
-    folder = tmp_path_factory.mktemp("tok") / "tokenizer"
-    train_toy_tokenizer(folder, n_scenes=300, seed=0)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def tiny_probe(tmp_path_factory):
     folder = tmp_path_factory.mktemp("probe") / "probe"
-    code = main(["toy", "train-probe", "--out", str(folder), "--set", "train.steps=2", "--set", "train.batch_size=4",
+    code = main(["toy", "train-probe", "--out", str(folder), "--set", f"work_dir={folder.parent / 'work'}",
+                 "--set", "train.steps=2", "--set", "train.batch_size=4",
                  "--set", "train.num_workers=0", "--set", "train.threads=1", "--set", "eval_scenes=8",
                  "--set", "model.channels=[8,16]", "--set", "model.hidden=16", "--set", "model.image_size=16"])
     assert code == 0
@@ -163,7 +155,7 @@ def test_pretrain_decoder_writes_a_pixel_unet_folder_that_vilex_loads(tmp_path, 
 
     from vilex.models.configs import DecoderConfig
     from vilex.models.decoders import build_frozen_decoder
-    from toy.pretrain_decoder import encode_prompts
+    from toy.decoder_model import encode_prompts
 
     out = tmp_path / "decoder"
     assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, out, "--set", "train.steps=3",
@@ -283,7 +275,8 @@ TINY_SIGLIP = ["--set", "train.steps=3", "--set", "train.batch_size=6", "--set",
 @pytest.fixture(scope="module")
 def tiny_siglip(tmp_path_factory, toy_tokenizer):
     out = tmp_path_factory.mktemp("siglip") / "siglip"
-    assert main(["toy", "pretrain-siglip", "--out", str(out), "--set", f"tokenizer={toy_tokenizer}", *TINY_SIGLIP]) == 0
+    assert main(["toy", "pretrain-siglip", "--out", str(out), "--set", f"tokenizer={toy_tokenizer}",
+                 "--set", f"work_dir={out.parent / 'work'}", *TINY_SIGLIP]) == 0
     return out
 
 
@@ -312,6 +305,7 @@ def test_pretrained_frozen_text_encoder_is_what_the_decoder_ships(tmp_path, toy_
 
     te = tmp_path / "text_encoder"
     assert main(["toy", "pretrain-text-encoder", "--out", str(te), "--set", f"tokenizer={toy_tokenizer}",
+                 "--set", f"work_dir={tmp_path / 'te_work'}",
                  "--set", f"image_tower={tiny_siglip}", "--set", "text_encoder.width=32",
                  "--set", "text_encoder.layers=1", "--set", "train.steps=3", "--set", "train.batch_size=6",
                  "--set", "train.num_workers=0", "--set", "train.log_every=1", "--set", "eval_scenes=12"]) == 0
@@ -346,8 +340,10 @@ def test_text_encoder_continues_a_pretrained_one_with_the_attribute_and_swap_mar
               "--set", "text_encoder.width=32", "--set", "text_encoder.layers=1", "--set", "train.batch_size=6",
               "--set", "train.num_workers=0", "--set", "train.log_every=1", "--set", "eval_scenes=12"]
     first, second = tmp_path / "te1", tmp_path / "te2"
-    assert main(["toy", "pretrain-text-encoder", "--out", str(first), *common, "--set", "train.steps=2"]) == 0
+    assert main(["toy", "pretrain-text-encoder", "--out", str(first), *common, "--set", "train.steps=2",
+                 "--set", f"work_dir={tmp_path / 'work1'}"]) == 0
     assert main(["toy", "pretrain-text-encoder", "--out", str(second), *common, "--set", "train.steps=2",
+                 "--set", f"work_dir={tmp_path / 'work2'}",
                  "--set", f"text_encoder.pretrained={first}", "--set", "train.attribute_weight=1.0",
                  "--set", "train.swap_margin=0.5", "--set", "train.sensitivity_every=1"]) == 0
     recipe = read_recipe(second)
@@ -426,7 +422,7 @@ def test_high_noise_fraction_draws_that_share_of_timesteps_from_the_noisiest_ran
     from toy.pretrain_decoder import DecoderTrainSpec, sample_timesteps
 
     plain = sample_timesteps(32, 1000, DecoderTrainSpec(), torch.Generator().manual_seed(5))
-    assert torch.equal(plain, torch.randint(0, 1000, (32,), generator=torch.Generator().manual_seed(5)))  # old runs
+    assert torch.equal(plain, torch.randint(0, 1000, (32,), generator=torch.Generator().manual_seed(5)))  # share 0
     spec = DecoderTrainSpec(high_noise_fraction=0.25, high_noise_min_t=950)
     t = sample_timesteps(32, 1000, spec, torch.Generator().manual_seed(5))
     assert ((t[:8] >= 950) & (t[:8] < 1000)).all() and torch.equal(t[8:], plain[8:])

@@ -25,8 +25,8 @@ TOY_CONFIGS = {"toy_siglip.yaml": ("siglip", "runs/toy/vlm/siglip"),
                "toy_vilex-tokens.yaml": ("vilex_tokens", "runs/toy/vlm/vilex_tokens")}
 
 
-def _tiny_llm_config() -> LLMPretrainConfig:
-    cfg = load_config(LLMPretrainConfig, REPO / "configs" / "toy" / "llm.yaml", [
+def _tiny_llm_config(work_dir) -> LLMPretrainConfig:
+    cfg = load_config(LLMPretrainConfig, REPO / "configs" / "toy" / "llm.yaml", [f"work_dir={work_dir}",
         "model.width=32", "model.layers=1", "model.heads=2", "model.kv_heads=1", "model.intermediate=64",
         "tokenizer.corpus_steps=4", "data.scenes_per_step=6", "train.steps=6", "train.warmup_steps=1",
         "train.log_every=2", "train.pack_length=256", "eval_scenes=6", "eval_questions=6"])
@@ -36,7 +36,7 @@ def _tiny_llm_config() -> LLMPretrainConfig:
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy_llm") / "llm"
-    metrics = pretrain_llm(_tiny_llm_config(), out)
+    metrics = pretrain_llm(_tiny_llm_config(out.parent / "work"), out)
     return out, metrics
 
 
@@ -93,7 +93,7 @@ def test_pretrain_llm_cli_help_and_bad_config(capsys):
 
 def test_vlm_data_passes_the_template_label_checks(tiny_llm, toy_split, tmp_path):
     """align and instruct JSON tokenize through the vlm templates with verified labels; prompts = the eval suite's."""
-    from vlm.data import ConversationDataset, ImageSpec, read_llava_json, validate_all
+    from vlm.data import ConversationDataset, ImageSpec, read_llava_json
     from vlm.model import load_tokenizer
     from vlm.templates import IGNORE, build_template
 
@@ -111,8 +111,8 @@ def test_vlm_data_passes_the_template_label_checks(tiny_llm, toy_split, tmp_path
         ds = ConversationDataset(records, tok, build_template(kind, tok, "<image>"), image_spec=spec,
                                  image_token="<image>", image_token_id=image_id, num_image_tokens=4, max_length=512,
                                  image_root=toy_split / "train")
-        stats = validate_all(ds)  # raises TemplateMismatchError on any misaligned label
-        assert stats["samples"] == len(records) and stats["truncated"] == 0
+        # tokenizing every sample raises TemplateMismatchError on any misaligned label
+        assert len(ds) == len(records) and sum(ds.tokens(i).truncated_tokens > 0 for i in range(len(ds))) == 0
         ex = ds[0]
         assert ex.pixel_values.shape == (3, 16, 16)
         learned = tok.decode(ex.tokens.input_ids[1:][ex.tokens.targets[:-1] != IGNORE])

@@ -10,7 +10,7 @@ from vilex.config import load_config
 from vilex.train.strategy import fill_deepspeed_config
 from vlm.config import VLMConfig
 from vlm.projector import build_projectors
-from vlm.towers import VISION_TOWERS, SiglipPatchTower
+from vlm.towers import VLM_TOWERS, SiglipPatchTower
 
 REAL = ["qwen2.5-7b_siglip-so400m.yaml", "qwen2.5-7b_vilex.yaml", "qwen2.5-7b_vilex-tokens.yaml"]
 
@@ -21,7 +21,7 @@ def test_real_scale_configs_follow_the_llava_recipe(name):
     assert cfg.model.llm.name_or_path == "Qwen/Qwen2.5-7B-Instruct" and cfg.model.projector.type == "mlp2x_gelu"
     assert cfg.model.tower.type == {"qwen2.5-7b_siglip-so400m.yaml": "siglip", "qwen2.5-7b_vilex.yaml": "vilex",
                                     "qwen2.5-7b_vilex-tokens.yaml": "vilex_tokens"}[name]
-    assert cfg.model.tower.type in VISION_TOWERS and cfg.model.tower.feature_layer == -2
+    assert cfg.model.tower.type in VLM_TOWERS and cfg.model.tower.feature_layer == -2
     if cfg.model.tower.type == "siglip":
         assert cfg.model.tower.name_or_path == "google/siglip-so400m-patch14-224"
     a, i = cfg.align, cfg.instruct
@@ -62,3 +62,21 @@ def test_tiny_config_loads_and_dry_runs(capsys):
     assert vilex_main(["train-vlm", "--config", str(REPO / "configs" / "vlm" / "tiny.yaml"), "--stage", "align",
                        "--dry-run", "--set", "align.lr=0.5"]) == 0
     assert "lr: 0.5" in capsys.readouterr().out
+
+
+def test_the_stage_names_have_one_definition():
+    """STAGE_TRAINS (vlm/config.py) is the one list of stages: their order, the CLI's --stage choices, and the
+    trainable defaults that vlm.model re-exports; every stage is a section of VLMConfig."""
+    import argparse
+    import dataclasses
+
+    import vlm.config
+    import vlm.model
+    from vilex.cli.main import build_parser
+
+    assert vlm.model.STAGE_TRAINS is vlm.config.STAGE_TRAINS
+    assert vlm.config.STAGE_ORDER == tuple(vlm.config.STAGE_TRAINS) == ("align", "instruct", "full")
+    assert set(vlm.config.STAGE_ORDER) <= {f.name for f in dataclasses.fields(VLMConfig)}
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    stage = next(a for a in commands.choices["train-vlm"]._actions if a.dest == "stage")
+    assert tuple(stage.choices) == vlm.config.STAGE_ORDER

@@ -1,9 +1,9 @@
 """toy/caption_attributes.py — make every padded slot of the toy text encoder carry the whole caption.
 
-Why (session-4 diagnosis, scripts/toy/README.md "placement"): the toy decoder never learned to place objects
-from the LiT-pretrained text encoder, while it learned placement within ~500 steps from a one-hot position code
-written on ALL 77 conditioning slots. Position words moved the LiT encoder's conditioning by 2 % of its norm
-(colour words: 76 %), and only on the few slots after the word. Two losses, added to LiT's, fix the two halves:
+Why (docs/EXPERIMENTS.md, "Where placement fails"): the toy decoder never learned to place objects from the
+LiT-pretrained text encoder, while it learned placement within ~500 steps from a one-hot position code written on
+ALL 77 conditioning slots. Position words moved the LiT encoder's conditioning by 2 % of its norm (colour words:
+76 %), and only on the few slots after the word. Two losses, added to LiT's, fix the two halves:
 
 - ``attribute_loss``: from every slot at or after the caption's first EOS (the causal encoder's slots that have
   read the whole caption, most of the 77), a linear head predicts the scene the caption describes — background,
@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from toy.scenes import world
-from toy.pretrain_decoder import prompt_ids
+from toy.decoder_model import prompt_ids
 
 MAX_OBJECTS = 3
 BACKGROUNDS: tuple[str, ...] = tuple(world.BACKGROUND_COLOURS)

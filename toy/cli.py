@@ -168,9 +168,7 @@ def _register_stage0(spec: Stage0Command) -> None:
 
         cfg = load_config(_import(spec.config), args.config, args.overrides)
         extra = {kwargs["dest"]: getattr(args, kwargs["dest"]) for kwargs in spec.extra.values()}
-        if args.resume:
-            extra["resume"] = args.resume
-        _print_summary(_import(spec.run)(cfg, args.out, **extra))
+        _print_summary(_import(spec.run)(cfg, args.out, resume=args.resume, **extra))
         return 0
 
     command(spec.name, help=spec.help, group="toy")(configure)(run)
@@ -189,7 +187,8 @@ def _gate_args(p: argparse.ArgumentParser) -> None:
          group="toy")(_gate_args)
 def _gate_decoder(args: argparse.Namespace) -> int:
     from vilex.config import load_config
-    from toy.pretrain_decoder import DecoderPretrainConfig, gate_decoder_folder
+    from toy.decoder_gate import gate_decoder_folder
+    from toy.pretrain_decoder import DecoderPretrainConfig
 
     cfg = load_config(DecoderPretrainConfig, args.config, args.overrides)
     _print_summary(gate_decoder_folder(args.decoder, cfg.gate, cfg.seed))

@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from vilex.models.coordinates import unet_forward
+from toy.decoder_model import encode_prompts
 from toy.scenes import world
+from vilex.models.coordinates import unet_forward
 
 CORNERS: dict[str, tuple[int, int]] = {  # caption words -> (column, row) in the fine 5x5 grid; quadrant (x, y)
     "top left": (1, 1), "top right": (5, 1), "bottom left": (1, 5), "bottom right": (5, 5),
@@ -73,7 +74,6 @@ def placement_test(unet: Any, text_encoder: Any, tokenizer: Any, noise_scheduler
                    seed: int = 0, min_alpha_bar: float = MIN_ALPHA_BAR) -> dict[str, dict[str, Any]]:
     """{granularity: {"hit_rate", "shift", "hits", "timestep"}} from the x0 prediction at the noisiest timestep
     whose signal share is at least ``min_alpha_bar``."""
-    from toy.pretrain_decoder import encode_prompts
 
     size = int(unet.config.sample_size)
     prediction_type = noise_scheduler.config.prediction_type

@@ -17,9 +17,9 @@ on the toy world's text. Two parts, one folder (``out/``, a plain HF folder load
   Documents are packed into rows of ``train.pack_length`` with position ids restarting per document (no attention
   across documents; ``vlm.packing.Collator``). Plain text learns every token; chat documents go through the VLM's
   own ``instruct`` template and learn their assistant turns (``data.chat_loss: assistant``), exactly as the instruct
-  stage will. Why: with every token learned (first run, recipe in vlm/README.md) the answers were ~5% of the loss and
-  the model reached a held-out loss of 0.32 while answering colour/shape/position questions from a caption at chance;
-  the captions it must read are still learned from the plain caption documents.
+  stage will. Why: with every token learned the answers are a few percent of the loss, and a model can reach a low
+  held-out loss while answering colour/shape/position questions from a caption at chance (docs/EXPERIMENTS.md, "Toy
+  LLM v1"); the captions it must read are still learned from the plain caption documents.
 
 ``recipe.json`` records the held-out (``Stream.HELDOUT`` scenes) per-token loss and perplexity of the same document
 mix, and greedy exact-match accuracy per question type when the coarse caption stands in for the image (the text-only
@@ -36,17 +36,18 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Iterator, Literal, Sequence, Union
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
+from toy.stage0 import Stage0Trainer, Stage0TrainSpec, decay_groups
 from vilex.checkpoint import atomic_dir
+from vilex.train.run_loop import RunState
 from vilex.config import cfg_field, to_dict
 from vilex.errors import ConfigError
 from toy.scenes import world
-from toy.probe import warmup_cosine
 from toy.recipe import Stream, heldout_scenes, toy_rng, write_recipe
 from toy.vlm_data import CAPTION_PROMPT, chance_levels, chat_qa_messages
 
@@ -89,17 +90,13 @@ class LLMDataSpec:
 
 
 @dataclass
-class LLMTrainSpec:
+class LLMTrainSpec(Stage0TrainSpec):
     steps: int = cfg_field(600, ge=1)
-    pack_length: int = cfg_field(512, ge=32, help="tokens per packed row")
     lr: float = cfg_field(3e-3, gt=0)
     warmup_steps: int = cfg_field(30, ge=0)
     min_lr_ratio: float = cfg_field(0.05, ge=0, le=1)
-    weight_decay: float = cfg_field(0.01, ge=0)
-    grad_clip: float = cfg_field(1.0, gt=0)
     threads: int = cfg_field(1, ge=1)
-    log_every: int = cfg_field(25, ge=1)
-    max_minutes: float | None = cfg_field(None, gt=0, help="stop early (and still evaluate and save) after this long")
+    pack_length: int = cfg_field(512, ge=32, help="tokens per packed row")
 
 
 @dataclass
@@ -107,6 +104,7 @@ class LLMPretrainConfig:
     """One toy-LLM pretraining experiment (configs/toy/llm.yaml)."""
 
     seed: int = cfg_field(0)
+    work_dir: str = cfg_field("runs/toy/llm", help="checkpoints and the training log (not shipped)")
     tokenizer: LLMTokenizerSpec = field(default_factory=LLMTokenizerSpec)
     model: LLMModelSpec = field(default_factory=LLMModelSpec)
     data: LLMDataSpec = field(default_factory=LLMDataSpec)
@@ -268,62 +266,58 @@ def text_qa_accuracy(model: Any, tokenizer: Any, seed: int, n_questions: int) ->
 
 
 # ----------------------------------------------------------------------------- training
-def pretrain_llm(cfg: LLMPretrainConfig, out: str | Path) -> dict[str, Any]:
-    """Train tokenizer + tiny Qwen2 on toy text, evaluate held-out, write ``out``; returns the metrics."""
-    from vlm.packing import Collator
+@dataclass
+class LLMRunState(RunState):
+    tokens_seen: int = 0
 
-    torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.seed)
-    started = time.time()
-    spec = cfg.train
+
+class LLMTrainer(Stage0Trainer):
+    """Next-token loss on packed rows of toy documents (plain text and ChatML chats)."""
+
+    name = "pretrain-llm"
+    state_class = LLMRunState
+
+    def __init__(self, cfg: LLMPretrainConfig, tokenizer_dir: Path) -> None:
+        from vlm.packing import Collator
+
+        super().__init__(cfg)
+        self.tokenizer = build_toy_llm_tokenizer(cfg, tokenizer_dir)  # a pure function of the config and seed
+        self.model = build_toy_llm(cfg.model, self.tokenizer)
+        self.prepare(self.model, decay_groups(self.model, cfg.train.lr, cfg.train.weight_decay), betas=(0.9, 0.98))
+        self.collate = Collator(self.tokenizer.pad_token_id, packing=True, row_length=cfg.train.pack_length)
+
+    def batches(self, state: RunState) -> Iterator[Any]:
+        for step_index in range(state.step, self.cfg.train.steps):
+            docs = step_documents(self.seed, step_index, self.cfg.data)
+            yield self.collate(_examples(self.tokenizer, docs, self.cfg.data.chat_loss))
+
+    def micro_step(self, batch: Any) -> torch.Tensor:
+        loss, self._tokens = lm_loss(self.model, batch)
+        return loss
+
+    def on_micro_batch(self, batch: Any, finite: bool) -> None:
+        if finite:
+            self.state.tokens_seen += self._tokens
+
+
+def pretrain_llm(cfg: LLMPretrainConfig, out: str | Path, resume: str | None = None) -> dict[str, Any]:
+    """Train (or resume) tokenizer + tiny Qwen2 on toy text, evaluate held-out, write ``out``; returns the metrics."""
     with atomic_dir(out) as tmp:
-        tokenizer = build_toy_llm_tokenizer(cfg, tmp)
-        log.info("tokenizer: %d tokens (merges learned on %d steps of documents)", len(tokenizer),
-                 cfg.tokenizer.corpus_steps)
-        model = build_toy_llm(cfg.model, tokenizer)
+        trainer = LLMTrainer(cfg, tmp)
+        model, tokenizer = trainer.model, trainer.tokenizer
         n_params = sum(p.numel() for p in model.parameters())
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=(0.9, 0.98))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, spec.steps, spec.warmup_steps, spec.min_lr_ratio))
-        collate = Collator(tokenizer.pad_token_id, packing=True, row_length=spec.pack_length)
-        log.info("toy LLM: %.3fM params; %d steps of %d scenes", n_params / 1e6, spec.steps, cfg.data.scenes_per_step)
-        curve, window, window_start, step, stopped_early, tokens_seen = [], [], time.time(), 0, False, 0
-        for step_index in range(spec.steps):
-            model.train()
-            batch = collate(_examples(tokenizer, step_documents(cfg.seed, step_index, cfg.data), cfg.data.chat_loss))
-            loss, n = lm_loss(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-            opt.step()
-            sched.step()
-            step, tokens_seen = step_index + 1, tokens_seen + n
-            window.append(float(loss.detach()))
-            if step % spec.log_every == 0 or step == spec.steps:
-                sec = (time.time() - window_start) / len(window)
-                curve.append({"step": step, "loss": round(float(np.mean(window)), 4)})
-                log.info("step %d/%d loss %.4f lr %.2e %.2fs/step (%d rows x %d)", step, spec.steps,
-                         curve[-1]["loss"], sched.get_last_lr()[0], sec, *batch.input_ids.shape)
-                window, window_start = [], time.time()
-            if spec.max_minutes is not None and time.time() - started > spec.max_minutes * 60 and step < spec.steps:
-                log.warning("train.max_minutes=%s reached at step %d of %d: stopping early", spec.max_minutes,
-                            step, spec.steps)
-                stopped_early = True
-                break
-        train_minutes = (time.time() - started) / 60
+        log.info("tokenizer: %d tokens (merges learned on %d steps of documents); toy LLM: %.3fM params; %d steps "
+                 "of %d scenes", len(tokenizer), cfg.tokenizer.corpus_steps, n_params / 1e6, cfg.train.steps,
+                 cfg.data.scenes_per_step)
+        summary = trainer.train(resume)
         metrics = {
-            "heldout": heldout_loss(model, tokenizer, cfg, collate),
+            "heldout": heldout_loss(model, tokenizer, cfg, trainer.collate),
             "text_qa_heldout": text_qa_accuracy(model, tokenizer, cfg.seed, cfg.eval_questions)
             if cfg.eval_questions else {},
-            "steps_done": step, "steps_planned": spec.steps, "stopped_early": stopped_early,
-            "train_minutes": round(train_minutes, 2), "train_tokens": tokens_seen,
+            **trainer.run_metrics(summary), "train_tokens": trainer.state.tokens_seen,
             "parameters": n_params, "vocab_size": len(tokenizer),
-            "loss_curve": curve[:: max(1, len(curve) // 8)] + curve[-1:],
         }
         model.save_pretrained(str(tmp))
-        write_recipe(tmp, "llm", to_dict(cfg), cfg.seed, time.time() - started, metrics)
+        write_recipe(tmp, "llm", to_dict(cfg), cfg.seed, time.time() - trainer.started, metrics)
     log.info("held-out loss %.4f (perplexity %.3f)", metrics["heldout"]["loss"], metrics["heldout"]["perplexity"])
     return metrics

@@ -26,28 +26,27 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from vilex.checkpoint import atomic_dir
-from vilex.config import cfg_field, to_dict
-from vilex.errors import ConfigError, UserError
-from toy.scenes import world
-from toy.probe import warmup_cosine
 from toy.recipe import (
-    SceneBatches,
     Stream,
     heldout_scenes,
     images_to_unit_range,
     render_batch,
-    scene_loader,
     toy_rng,
     write_recipe,
 )
+from toy.scenes import world
+from toy.stage0 import Stage0Trainer, Stage0TrainSpec, decay_groups
 from toy.tokenizer import load_toy_tokenizer
+from vilex.checkpoint import atomic_dir
+from vilex.config import cfg_field, to_dict
+from vilex.errors import ConfigError, UserError
+from vilex.train.run_loop import RunState
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +81,14 @@ class SiglipTextSpec:
 
 
 @dataclass
-class SiglipTrainSpec:
+class SiglipTrainSpec(Stage0TrainSpec):
     steps: int = cfg_field(2000, ge=1)
-    batch_size: int = cfg_field(128, ge=2)
-    lr: float = cfg_field(1e-3, gt=0)
-    warmup_steps: int = cfg_field(100, ge=0)
     min_lr_ratio: float = cfg_field(0.05, ge=0, le=1)
     weight_decay: float = cfg_field(1e-4, ge=0)
-    grad_clip: float = cfg_field(1.0, gt=0)
+    batch_size: int = cfg_field(128, ge=2)
     fine_caption_prob: float = cfg_field(0.5, ge=0, le=1)
     bf16: bool = cfg_field(True)
-    threads: int = cfg_field(2, ge=1)
     num_workers: int = cfg_field(1, ge=0)
-    log_every: int = cfg_field(25, ge=1)
-    max_minutes: float | None = cfg_field(None, gt=0, help="stop early (and still evaluate and save) after this long")
 
 
 @dataclass
@@ -104,6 +97,7 @@ class SiglipPretrainConfig:
 
     seed: int = cfg_field(0)
     tokenizer: str = cfg_field("assets/toy/tokenizer")
+    work_dir: str = cfg_field("runs/toy/siglip", help="checkpoints and the training log (not shipped)")
     vision: SiglipVisionSpec = field(default_factory=SiglipVisionSpec)
     text: SiglipTextSpec = field(default_factory=SiglipTextSpec)
     train: SiglipTrainSpec = field(default_factory=SiglipTrainSpec)
@@ -207,62 +201,50 @@ def save_siglip(model: Any, tokenizer: Any, out: Path) -> None:
     processor.save_pretrained(str(out / "vision"))
 
 
-def pretrain_siglip(cfg: SiglipPretrainConfig, out: str | Path) -> dict[str, Any]:
-    """Train the tiny SigLIP, measure held-out retrieval, write ``out`` (and ``out/vision``); returns metrics."""
-    torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.seed)
-    started = time.time()
-    spec = cfg.train
-    tokenizer = load_toy_tokenizer(cfg.tokenizer)
-    model = build_siglip(cfg, tokenizer)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # norms, biases, logit scale/bias
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, spec.steps, spec.warmup_steps, spec.min_lr_ratio))
-    log.info("siglip: %.2fM params; %d steps of batch %d", sum(p.numel() for p in model.parameters()) / 1e6,
-             spec.steps, spec.batch_size)
-    batches = SceneBatches(cfg.seed, 0, spec.steps, spec.batch_size, cfg.vision.image_size)
-    curve, window, window_start, step, stopped_early = [], [], time.time(), 0, False
-    model.train()
-    for step_index, images_u8, scenes in scene_loader(batches, spec.num_workers):
-        rng = toy_rng(cfg.seed, Stream.CHOICES, step_index)
-        fine = rng.random(len(scenes)) < spec.fine_caption_prob
+class SiglipTrainer(Stage0Trainer):
+    """SigLIP's sigmoid loss on fresh scenes, each paired with its coarse or fine caption."""
+
+    name = "pretrain-siglip"
+
+    def __init__(self, cfg: SiglipPretrainConfig) -> None:
+        super().__init__(cfg, bf16=cfg.train.bf16)
+        self.tokenizer = load_toy_tokenizer(cfg.tokenizer)
+        self.model = build_siglip(cfg, self.tokenizer)
+        self.prepare(self.model, decay_groups(self.model, cfg.train.lr, cfg.train.weight_decay))
+
+    def batches(self, state: RunState) -> Iterator[Any]:
+        return self.scene_batches(state, self.cfg.train.batch_size, self.cfg.vision.image_size,
+                                  self.cfg.train.num_workers)
+
+    def micro_step(self, batch: Any) -> torch.Tensor:
+        step_index, images_u8, scenes = batch
+        rng = toy_rng(self.seed, Stream.CHOICES, step_index)
+        fine = rng.random(len(scenes)) < self.cfg.train.fine_caption_prob
         texts = [world.caption_fine(s) if f else world.caption_coarse(s) for s, f in zip(scenes, fine)]
-        ids = tokenize_padded(tokenizer, texts, cfg.text.max_length)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.bf16):
-            out_ = model(input_ids=ids, pixel_values=images_to_unit_range(images_u8))
-        loss = sigmoid_loss_with_duplicates(out_.logits_per_text, texts)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-        opt.step()
-        lr_sched.step()
-        step = step_index + 1
-        window.append(float(loss.detach()))
-        if step % spec.log_every == 0 or step == spec.steps:
-            sec = (time.time() - window_start) / len(window)
-            curve.append({"step": step, "loss": round(float(np.mean(window)), 4)})
-            log.info("step %d/%d loss %.4f lr %.2e scale %.1f bias %.1f %.2fs/step", step, spec.steps,
-                     curve[-1]["loss"], lr_sched.get_last_lr()[0], float(model.logit_scale.detach().exp()),
-                     float(model.logit_bias.detach()), sec)
-            window, window_start = [], time.time()
-        if spec.max_minutes is not None and time.time() - started > spec.max_minutes * 60 and step < spec.steps:
-            log.warning("train.max_minutes=%s reached at step %d of %d: stopping early", spec.max_minutes, step,
-                        spec.steps)
-            stopped_early = True
-            break
-    train_minutes = (time.time() - started) / 60
+        ids = tokenize_padded(self.tokenizer, texts, self.cfg.text.max_length)
+        with self.strategy.autocast():
+            out = self.model(input_ids=ids, pixel_values=images_to_unit_range(images_u8))
+        return sigmoid_loss_with_duplicates(out.logits_per_text, texts)
+
+    def log_metrics(self, window_seconds: float, window_steps: int) -> dict[str, float]:
+        return {"train/logit_scale": float(self.model.logit_scale.detach().exp()),
+                "train/logit_bias": float(self.model.logit_bias.detach())}
+
+
+def pretrain_siglip(cfg: SiglipPretrainConfig, out: str | Path, resume: str | None = None) -> dict[str, Any]:
+    """Train (or resume) the tiny SigLIP, measure held-out retrieval, write ``out`` (and ``out/vision``)."""
+    trainer = SiglipTrainer(cfg)
+    model, tokenizer = trainer.model, trainer.tokenizer
+    log.info("siglip: %.2fM params; %d steps of batch %d", sum(p.numel() for p in model.parameters()) / 1e6,
+             cfg.train.steps, cfg.train.batch_size)
+    summary = trainer.train(resume)
     metrics = {
         "retrieval_heldout": evaluate_siglip(model, tokenizer, cfg.seed, cfg.eval_scenes, cfg.vision.image_size,
                                              cfg.text.max_length),
-        "steps_done": step, "steps_planned": spec.steps, "stopped_early": stopped_early,
-        "train_minutes": round(train_minutes, 2),
+        **trainer.run_metrics(summary),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "loss_curve": curve[:: max(1, len(curve) // 8)] + curve[-1:],
     }
     with atomic_dir(out) as tmp:
         save_siglip(model, tokenizer, tmp)
-        write_recipe(tmp, "siglip", to_dict(cfg), cfg.seed, time.time() - started, metrics)
+        write_recipe(tmp, "siglip", to_dict(cfg), cfg.seed, time.time() - trainer.started, metrics)
     return metrics

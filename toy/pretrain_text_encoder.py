@@ -1,11 +1,11 @@
 """toy/pretrain_text_encoder.py — pretrain the toy decoder's CLIP text encoder contrastively (LiT-style).
 
 Stable Diffusion's UNet is trained against a text encoder that contrastive pretraining (CLIP / OpenCLIP) already
-taught to encode every word of a caption. Trained jointly with the UNet from scratch, the toy text encoder did not
-learn that: it encoded the background word and barely the object words (position words moved its output by 0.005
-on average, the background word by 0.82), and the decoder never learned to draw what the objects are. So the toy
-world now does what SD did: this module trains a ``CLIPTextModel`` first, and the decoder is trained against it
-frozen (``text_encoder.pretrained`` in configs/toy/decoder.yaml).
+taught to encode every word of a caption. Trained jointly with the UNet from scratch, a toy text encoder does not
+learn that: it encodes the background word and barely the object words (``word_sensitivity`` measures it; the
+numbers are in docs/EXPERIMENTS.md), and the decoder never learns to draw what the objects are. So the toy world
+does what SD did: this module trains a ``CLIPTextModel`` first, and the decoder is trained against it frozen
+(``text_encoder.pretrained`` in configs/toy/decoder.yaml).
 
 How: "locked-image text tuning" (LiT, Zhai et al. 2022) against the frozen image tower of the toy SigLIP
 (``assets/toy/siglip``): image features come from the frozen ``SiglipModel.get_image_features``; the text side is
@@ -26,14 +26,16 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from toy.stage0 import Stage0Trainer, Stage0TrainSpec, decay_groups
 from vilex.checkpoint import atomic_dir, save_tensors
+from vilex.train.run_loop import RunState
 from vilex.config import cfg_field, to_dict
 from vilex.errors import ConfigError, UserError
 from toy.scenes import world
@@ -45,16 +47,13 @@ from toy.caption_attributes import (
     scene_targets,
     swap_margin_loss,
 )
-from toy.pretrain_decoder import TextEncoderSpec, encode_prompts, load_or_build_text_encoder
+from toy.decoder_model import TextEncoderSpec, encode_prompts, load_or_build_text_encoder
 from toy.pretrain_siglip import topk_caption_hits
-from toy.probe import warmup_cosine
 from toy.recipe import (
-    SceneBatches,
     Stream,
     heldout_scenes,
     images_to_unit_range,
     render_batch,
-    scene_loader,
     toy_rng,
     write_recipe,
 )
@@ -67,21 +66,16 @@ SWAP_KINDS: tuple[str, ...] = ("background", "colour", "shape", "position")
 
 
 @dataclass
-class TextEncoderTrainSpec:
+class TextEncoderTrainSpec(Stage0TrainSpec):
     steps: int = cfg_field(1500, ge=1)
-    batch_size: int = cfg_field(128, ge=2)
-    lr: float = cfg_field(1e-3, gt=0)
-    warmup_steps: int = cfg_field(100, ge=0)
     min_lr_ratio: float = cfg_field(0.05, ge=0, le=1)
     weight_decay: float = cfg_field(1e-4, ge=0)
-    grad_clip: float = cfg_field(1.0, gt=0)
+    threads: int = cfg_field(1, ge=1)
+    batch_size: int = cfg_field(128, ge=2)
     fine_caption_prob: float = cfg_field(0.5, ge=0, le=1)
     hard_negatives: int = cfg_field(1, ge=0, help="per image caption, this many copies with ONE word swapped "
                                                   "(background, object colour, shape or position) as negatives")
-    threads: int = cfg_field(1, ge=1)
     num_workers: int = cfg_field(1, ge=0)
-    log_every: int = cfg_field(25, ge=1)
-    max_minutes: float | None = cfg_field(None, gt=0, help="stop early (and still evaluate and save) after this long")
     attribute_weight: float = cfg_field(0.0, ge=0, help="weight of the caption-attribute loss: every slot after the "
                                                         "caption's EOS predicts the scene (toy/caption_attributes.py)")
     swap_margin: float = cfg_field(0.0, ge=0, help="a one-word-swapped caption must move the conditioning by at "
@@ -96,6 +90,7 @@ class TextEncoderPretrainConfig:
 
     seed: int = cfg_field(0)
     tokenizer: str = cfg_field("assets/toy/tokenizer")
+    work_dir: str = cfg_field("runs/toy/text_encoder", help="checkpoints and the training log (not shipped)")
     image_tower: str = cfg_field("assets/toy/siglip", help="frozen toy SigLIP folder whose image features are the "
                                                           "targets (vilex toy pretrain-siglip)")
     text_encoder: TextEncoderSpec = field(default_factory=TextEncoderSpec)
@@ -256,85 +251,86 @@ def word_sensitivity(text_encoder: nn.Module, tokenizer: Any, seed: int, n: int 
     return result
 
 
-def pretrain_text_encoder(cfg: TextEncoderPretrainConfig, out: str | Path) -> dict[str, Any]:
-    """Train the text encoder against the frozen toy SigLIP image tower; write ``out``; returns metrics."""
-    torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.seed)
-    started = time.time()
-    spec = cfg.train
-    tokenizer = load_toy_tokenizer(cfg.tokenizer)
-    tower = load_image_tower(cfg.image_tower)
-    image_size = int(tower.config.vision_config.image_size)
-    model = build_locked_image_text(cfg.text_encoder, tokenizer, int(tower.config.vision_config.hidden_size))
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, spec.steps, spec.warmup_steps, spec.min_lr_ratio))
-    log.info("text encoder: %.2fM params; %d steps of batch %d (+%d hard negatives each) against frozen %s",
-             sum(p.numel() for p in model.text_encoder.parameters()) / 1e6, spec.steps, spec.batch_size,
-             spec.hard_negatives, cfg.image_tower)
-    before = word_sensitivity(model.text_encoder, tokenizer, cfg.seed)
-    batches = SceneBatches(cfg.seed, 0, spec.steps, spec.batch_size, image_size)
-    curve, window, window_start, step, stopped_early = [], [], time.time(), 0, False
-    model.train()
-    for step_index, images_u8, scenes in scene_loader(batches, spec.num_workers):
-        rng = toy_rng(cfg.seed, Stream.CHOICES, step_index)
+class TextEncoderTrainer(Stage0Trainer):
+    """LiT: the text encoder learns to match the frozen SigLIP image tower's features (plus optional caption-attribute
+    and swap-margin losses)."""
+
+    name = "pretrain-text-encoder"
+
+    def __init__(self, cfg: TextEncoderPretrainConfig) -> None:
+        super().__init__(cfg)
+        self.tokenizer = load_toy_tokenizer(cfg.tokenizer)
+        self.tower = load_image_tower(cfg.image_tower)
+        self.image_size = int(self.tower.config.vision_config.image_size)
+        self.model = build_locked_image_text(cfg.text_encoder, self.tokenizer,
+                                             int(self.tower.config.vision_config.hidden_size))
+        self.prepare(self.model, decay_groups(self.model, cfg.train.lr, cfg.train.weight_decay))
+        self.parts: dict[str, float] = {}
+
+    def batches(self, state: RunState) -> Iterator[Any]:
+        return self.scene_batches(state, self.cfg.train.batch_size, self.image_size, self.cfg.train.num_workers)
+
+    def micro_step(self, batch: Any) -> torch.Tensor:
+        step_index, images_u8, scenes = batch
+        spec, model, tokenizer = self.cfg.train, self.model, self.tokenizer
+        rng = toy_rng(self.seed, Stream.CHOICES, step_index)
         fine = rng.random(len(scenes)) < spec.fine_caption_prob
         texts = [world.caption_fine(s) if f else world.caption_coarse(s) for s, f in zip(scenes, fine)]
         negatives = hard_negative_captions(texts, spec.hard_negatives, rng)
         rows = texts + negatives
-        image_emb = image_features(tower, images_to_unit_range(images_u8))
+        image_emb = image_features(self.tower, images_to_unit_range(images_u8))
         hidden = encode_prompts(tokenizer, model.text_encoder, rows)
         loss = sigmoid_loss_rows(model.logits(model.embed_hidden(hidden), image_emb), rows, texts)
-        parts = {"lit": float(loss.detach())}
+        self.parts = {"lit": float(loss.detach())}
         if spec.attribute_weight > 0:
-            attr, parts["attributes"] = attribute_loss(model.attributes, hidden[: len(texts)],
-                                                       first_eos_index(tokenizer, texts), scene_targets(scenes))
+            attr, self.parts["attributes"] = attribute_loss(model.attributes, hidden[: len(texts)],
+                                                            first_eos_index(tokenizer, texts), scene_targets(scenes))
             loss = loss + spec.attribute_weight * attr
         if spec.swap_margin > 0 and negatives:
             k = spec.hard_negatives  # every caption has a background word, so each got exactly k, in order
             own = hidden[: len(texts)].repeat_interleave(k, dim=0)
             margin = swap_margin_loss(own, hidden[len(texts):], spec.swap_margin)
-            parts["swap_margin"] = round(float(margin.detach()), 4)
+            self.parts["swap_margin"] = round(float(margin.detach()), 4)
             loss = loss + spec.swap_margin_weight * margin
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-        opt.step()
-        lr_sched.step()
-        step = step_index + 1
-        window.append(float(loss.detach()))
-        if step % spec.log_every == 0 or step == spec.steps:
-            sec = (time.time() - window_start) / len(window)
-            curve.append({"step": step, "loss": round(float(np.mean(window)), 4)})
-            log.info("step %d/%d loss %.4f lr %.2e %.2fs/step %s", step, spec.steps, curve[-1]["loss"],
-                     lr_sched.get_last_lr()[0], sec, parts)
-            window, window_start = [], time.time()
-        if step % spec.sensitivity_every == 0:
-            model.eval()
-            log.info("step %d word_sensitivity %s", step, word_sensitivity(model.text_encoder, tokenizer, cfg.seed))
-            model.train()
-        if spec.max_minutes is not None and time.time() - started > spec.max_minutes * 60 and step < spec.steps:
-            log.warning("train.max_minutes=%s reached at step %d of %d: stopping early", spec.max_minutes, step,
-                        spec.steps)
-            stopped_early = True
-            break
-    model.eval()
+        return loss
+
+    def log_metrics(self, window_seconds: float, window_steps: int) -> dict[str, float]:
+        flat: dict[str, float] = {}
+        for name, value in self.parts.items():  # the attribute loss reports one value per attribute
+            items = value.items() if isinstance(value, dict) else [("", value)]
+            flat.update({f"train/{name}_loss{'_' + k if k else ''}": float(v) for k, v in items})
+        return flat
+
+    def after_step(self, state: RunState) -> None:
+        if state.step % self.cfg.train.sensitivity_every == 0:
+            self.model.eval()
+            log.info("step %d word_sensitivity %s", state.step,
+                     word_sensitivity(self.model.text_encoder, self.tokenizer, self.seed))
+            self.model.train()
+
+
+def pretrain_text_encoder(cfg: TextEncoderPretrainConfig, out: str | Path, resume: str | None = None
+                          ) -> dict[str, Any]:
+    """Train (or resume) the text encoder against the frozen toy SigLIP image tower; write ``out``; returns metrics."""
+    trainer = TextEncoderTrainer(cfg)
+    model, tokenizer, tower = trainer.model, trainer.tokenizer, trainer.tower
+    log.info("text encoder: %.2fM params; %d steps of batch %d (+%d hard negatives each) against frozen %s",
+             sum(p.numel() for p in model.text_encoder.parameters()) / 1e6, cfg.train.steps, cfg.train.batch_size,
+             cfg.train.hard_negatives, cfg.image_tower)
+    before = word_sensitivity(model.text_encoder, tokenizer, cfg.seed)
+    summary = trainer.train(resume)
     metrics = {
-        "retrieval_heldout": evaluate_text_encoder(model, tower, tokenizer, cfg.seed, cfg.eval_scenes, image_size),
+        "retrieval_heldout": evaluate_text_encoder(model, tower, tokenizer, cfg.seed, cfg.eval_scenes,
+                                                   trainer.image_size),
         "word_sensitivity": {"before_training": before,
                              "after_training": word_sensitivity(model.text_encoder, tokenizer, cfg.seed)},
-        "steps_done": step, "steps_planned": spec.steps, "stopped_early": stopped_early,
-        "train_minutes": round((time.time() - started) / 60, 2),
+        **trainer.run_metrics(summary),
         "parameters": sum(p.numel() for p in model.text_encoder.parameters()),
-        "loss_curve": curve[:: max(1, len(curve) // 8)] + curve[-1:],
     }
     with atomic_dir(out) as tmp:
         model.text_encoder.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         save_tensors(tmp, {k: v for k, v in model.state_dict().items() if not k.startswith("text_encoder.")},
                      weights_name="head.safetensors")
-        write_recipe(tmp, "text_encoder", to_dict(cfg), cfg.seed, time.time() - started, metrics)
+        write_recipe(tmp, "text_encoder", to_dict(cfg), cfg.seed, time.time() - trainer.started, metrics)
     return metrics

@@ -28,23 +28,23 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from toy.stage0 import Stage0Trainer, Stage0TrainSpec
 from vilex.checkpoint import atomic_dir, load_tensors, save_tensors
+from vilex.train.run_loop import RunState
 from vilex.config import cfg_field, to_dict
 from vilex.errors import UserError
 from toy.scenes import world
 from toy.recipe import (
-    SceneBatches,
     heldout_scenes,
     images_to_unit_range,
     render_batch,
-    scene_loader,
     write_recipe,
 )
 
@@ -224,19 +224,17 @@ def chance_levels(labels: dict[str, list[str]]) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- training
 @dataclass
-class ProbeTrainConfig:
+class ProbeTrainConfig(Stage0TrainSpec):
     """How the probe is trained (optimisation and data)."""
 
     steps: int = cfg_field(2500, ge=1)
-    batch_size: int = cfg_field(64, ge=1)
     lr: float = cfg_field(2e-3, gt=0)
-    warmup_steps: int = cfg_field(100, ge=0)
-    weight_decay: float = cfg_field(0.01, ge=0)
+    grad_clip: float | None = cfg_field(None, gt=0, help="max global grad norm (null = no clipping)")
+    log_every: int = cfg_field(50, ge=1)
+    batch_size: int = cfg_field(64, ge=1)
     noise_std_max: float = cfg_field(0.08, ge=0, help="per-image Gaussian pixel noise std ~ U(0, this), [-1,1] units")
     center_weight: float = cfg_field(10.0, ge=0)
-    threads: int = cfg_field(2, ge=1, help="torch intra-op threads")
     num_workers: int = cfg_field(1, ge=0, help="DataLoader workers rendering scenes (0 = in this process)")
-    log_every: int = cfg_field(50, ge=1)
 
 
 @dataclass
@@ -244,17 +242,10 @@ class ProbeConfig:
     """One probe experiment (configs/toy/probe.yaml)."""
 
     seed: int = cfg_field(0, help="seed of the training and held-out scene streams")
+    work_dir: str = cfg_field("runs/toy/probe", help="checkpoints and the training log (not shipped)")
     model: ProbeModelConfig = field(default_factory=ProbeModelConfig)
     train: ProbeTrainConfig = field(default_factory=ProbeTrainConfig)
     eval_scenes: int = cfg_field(1024, ge=1, help="held-out scenes the final accuracies are measured on")
-
-
-def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
-    """LR multiplier: linear warm-up to 1, then cosine down to ``floor``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def evaluate_probe(probe: AttributeProbe, seed: int, n_scenes: int) -> dict[str, Any]:
@@ -267,48 +258,59 @@ def evaluate_probe(probe: AttributeProbe, seed: int, n_scenes: int) -> dict[str,
             "chance": chance_levels(probe.labels)}
 
 
-def train_probe(cfg: ProbeConfig, out: str | Path, log_file: str | Path | None = None) -> dict[str, Any]:
-    """Train the probe on freshly rendered scenes, measure it on held-out ones, save it to ``out``."""
-    torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.seed)
-    started = time.time()
-    probe = AttributeProbe(cfg.model)
-    opt = torch.optim.AdamW(probe.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, cfg.train.steps, cfg.train.warmup_steps))
-    noise_gen = torch.Generator().manual_seed(cfg.seed)
-    batches = SceneBatches(cfg.seed, 0, cfg.train.steps, cfg.train.batch_size, cfg.model.image_size,
-                           {"max_objects": cfg.model.max_objects})
-    log_fh = open(log_file, "a") if log_file else None
-    probe.train()
-    losses: list[float] = []
-    try:
-        for step, images_u8, scenes in scene_loader(batches, cfg.train.num_workers):
-            images = images_to_unit_range(images_u8)
-            std = torch.rand(images.shape[0], 1, 1, 1, generator=noise_gen) * cfg.train.noise_std_max
-            images = images + std * torch.randn(images.shape, generator=noise_gen)
-            loss, parts = probe_loss(probe(images), probe_targets(scenes, probe.labels), cfg.train.center_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
-                line = (f"step {step + 1}/{cfg.train.steps} loss {np.mean(losses[-cfg.train.log_every:]):.4f} "
-                        + " ".join(f"{k} {v:.3f}" for k, v in parts.items()) + f" lr {sched.get_last_lr()[0]:.2e}")
-                log.info(line)
-                if log_fh:
-                    log_fh.write(line + "\n")
-                    log_fh.flush()
-    finally:
-        if log_fh:
-            log_fh.close()
+class ProbeTrainer(Stage0Trainer):
+    """The probe's heads on freshly rendered scenes with a little pixel noise."""
+
+    name = "train-probe"
+
+    def __init__(self, cfg: ProbeConfig) -> None:
+        super().__init__(cfg)
+        self.probe = AttributeProbe(cfg.model)
+        self.prepare(self.probe, [{"params": list(self.probe.parameters()), "lr": cfg.train.lr,
+                                   "weight_decay": cfg.train.weight_decay}])
+        self.noise_gen = torch.Generator().manual_seed(cfg.seed)  # stateful: its state is part of a checkpoint
+
+    def batches(self, state: RunState) -> Iterator[Any]:
+        return self.scene_batches(state, self.cfg.train.batch_size, self.cfg.model.image_size,
+                                  self.cfg.train.num_workers, {"max_objects": self.cfg.model.max_objects})
+
+    def micro_step(self, batch: Any) -> torch.Tensor:
+        _, images_u8, scenes = batch
+        images = images_to_unit_range(images_u8)
+        std = torch.rand(images.shape[0], 1, 1, 1, generator=self.noise_gen) * self.cfg.train.noise_std_max
+        images = images + std * torch.randn(images.shape, generator=self.noise_gen)
+        loss, self.parts = probe_loss(self.probe(images), probe_targets(scenes, self.probe.labels),
+                                      self.cfg.train.center_weight)
+        return loss
+
+    def log_metrics(self, window_seconds: float, window_steps: int) -> dict[str, float]:
+        return {f"train/{k}": float(v) for k, v in self.parts.items()}
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {"noise_generator": self.noise_gen.get_state()}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.noise_gen.set_state(tensors["noise_generator"])
+
+
+def train_probe(cfg: ProbeConfig, out: str | Path, log_file: str | Path | None = None,
+                resume: str | None = None) -> dict[str, Any]:
+    """Train (or resume) the probe on freshly rendered scenes, measure it on held-out ones, save it to ``out``."""
+    trainer = ProbeTrainer(cfg)
+    summary = trainer.train(resume)
+    probe = trainer.probe
+    window = summary["losses"][-cfg.train.log_every:]
     metrics = {"heldout": evaluate_probe(probe, cfg.seed, cfg.eval_scenes),
-               "final_train_loss": round(float(np.mean(losses[-cfg.train.log_every:])), 4),
+               "final_train_loss": round(float(np.mean(window)), 4) if window else None,
+               **trainer.run_metrics(summary),
                "parameters": sum(p.numel() for p in probe.parameters())}
+    train_log = Path(cfg.work_dir) / "train_log.jsonl"
+    if log_file and train_log.is_file():
+        with open(log_file, "a") as fh:
+            fh.write(train_log.read_text())
     with atomic_dir(out) as tmp:
         save_probe(probe, tmp)
-        write_recipe(tmp, "probe", to_dict(cfg), cfg.seed, time.time() - started, metrics)
-        if log_file and Path(log_file).is_file():
-            (tmp / "train_log.txt").write_text(Path(log_file).read_text())
+        write_recipe(tmp, "probe", to_dict(cfg), cfg.seed, time.time() - trainer.started, metrics)
+        if train_log.is_file():
+            (tmp / "train_log.jsonl").write_text(train_log.read_text())
     return metrics

@@ -13,13 +13,12 @@ import argparse
 import json
 
 from vilex.cli.main import add_config_args, command
-
-STAGES = ("align", "instruct", "full")
+from vlm.config import STAGE_ORDER
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p, required=True)
-    p.add_argument("--stage", required=True, choices=STAGES, help="which stage of the recipe to run")
+    p.add_argument("--stage", required=True, choices=STAGE_ORDER, help="which stage of the recipe to run")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="'auto' = latest checkpoint of this stage (fresh start if none); or a checkpoint folder")
     p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, and exit")

@@ -13,7 +13,8 @@ Decisions worth knowing:
 * Batch sizes are in SAMPLES (conversations), as LLaVA states them: ``global_batch_size`` = micro x accumulation x
   processes; the accumulation is derived at run time from the number of processes (an error if it does not divide).
   Packing changes how a micro-batch's samples are laid out in rows, never which samples form a step.
-* What a stage trains comes from the explicit map ``STAGE_TRAINS`` (model.py); ``trainable`` overrides it.
+* The stages and what each trains come from ONE explicit map, ``STAGE_TRAINS`` (here; ``STAGE_ORDER`` is its keys,
+  in order); a stage's ``trainable`` overrides it.
 * ``init_from: previous`` (the default of instruct/full) loads the projector (and tower, when it was trained) of the
   previous stage's latest checkpoint in the same ``output_dir``; a path loads from that checkpoint instead.
 """
@@ -25,19 +26,30 @@ from typing import Literal, Optional
 
 from vilex.config import cfg_field
 from vilex.errors import ConfigError
+from vilex.train.config import LogConfig
 
 Component = Literal["projector", "llm", "tower"]
-STAGE_ORDER = ("align", "instruct", "full")
+# The recipe's stages, in the order they run, and the components each trains unless its ``trainable`` says otherwise.
+# The one definition of the stage names: the CLI's --stage choices, the stage order and the trainable defaults.
+STAGE_TRAINS: dict[str, tuple[Component, ...]] = {
+    "align": ("projector",),
+    "instruct": ("projector", "llm"),
+    "full": ("projector", "llm", "tower"),
+}
+STAGE_ORDER: tuple[str, ...] = tuple(STAGE_TRAINS)
 
 
 @dataclass
 class TowerConfig:
     """The vision tower (see vlm/towers.py for the registered types)."""
 
-    type: str = cfg_field("siglip", help="registry name in vlm.towers.VISION_TOWERS: siglip | vilex | vilex_tokens")
+    type: str = cfg_field("siglip", help="registry name in vlm.towers.VLM_TOWERS: siglip | vilex | vilex_tokens")
     name_or_path: str = cfg_field("google/siglip-so400m-patch14-224",
                                   help="siglip: hub id or folder of a SiglipVisionModel; vilex*: a stage-1 checkpoint")
-    feature_layer: int = cfg_field(-2, help="hidden_states index, HF convention (no final norm): -2 = penultimate")
+    feature_layer: int = cfg_field(-2, help="hidden_states index, HF Llava's vision_feature_layer convention (the "
+                                            "final norm is never applied): 0 = patch embeddings, k = output of block "
+                                            "k, -1 = last block, -2 = penultimate (unlike stage 1's vit.feature_layer, "
+                                            "where -1 adds the final norm)")
     num_vilex_tokens: Optional[int] = cfg_field(None, ge=1, help="vilex_tokens: the first m ViLex tokens (None = all)")
     image_fit: Literal["resize", "crop", "letterbox"] = cfg_field(
         "resize", help="how an image becomes a square: resize (= the exported SigLIP processor), crop, letterbox")
@@ -69,7 +81,7 @@ class VLMModelConfig:
 
 
 @dataclass
-class StageDataConfig:
+class ConversationDataConfig:
     """LLaVA JSON conversations (see vlm/data.py) and how samples become tokens."""
 
     json: Optional[Path] = cfg_field(None, help="LLaVA-format JSON list (or .jsonl) of samples")
@@ -89,7 +101,7 @@ class StageDataConfig:
 
 @dataclass
 class StageConfig:
-    data: StageDataConfig = field(default_factory=StageDataConfig)
+    data: ConversationDataConfig = field(default_factory=ConversationDataConfig)
     trainable: Optional[list[Component]] = cfg_field(None, help="override the stage's default trainable components")
     init_from: Optional[str] = cfg_field(None, help="'previous' | a checkpoint/run folder | None: start weights")
     lr: float = cfg_field(1e-3, gt=0, help="projector (and LLM) learning rate")
@@ -112,6 +124,8 @@ class StageConfig:
     keep_last: int = cfg_field(2, ge=1)
     log_every: int = cfg_field(10, ge=1)
     max_consecutive_nonfinite: int = cfg_field(5, ge=1)
+    max_minutes: Optional[float] = cfg_field(None, gt=0, help="checkpoint and stop after this long (--resume auto "
+                                                              "continues); null = no limit")
 
     def validate(self) -> None:
         if self.data.pack_length is not None and self.data.pack_length < self.data.max_length:
@@ -125,18 +139,13 @@ class StageConfig:
 
 
 def _align_defaults() -> StageConfig:
-    return StageConfig(data=StageDataConfig(template="align"), lr=1e-3, global_batch_size=256, micro_batch_size=32)
+    return StageConfig(data=ConversationDataConfig(template="align"), lr=1e-3, global_batch_size=256,
+                       micro_batch_size=32)
 
 
 def _instruct_defaults() -> StageConfig:
-    return StageConfig(data=StageDataConfig(template="instruct"), init_from="previous", lr=2e-5,
+    return StageConfig(data=ConversationDataConfig(template="instruct"), init_from="previous", lr=2e-5,
                        global_batch_size=128, micro_batch_size=16)
-
-
-@dataclass
-class LogConfig:
-    tensorboard: bool = False
-    wandb_project: Optional[str] = None
 
 
 @dataclass
@@ -146,7 +155,7 @@ class VLMConfig:
     instruct: StageConfig = field(default_factory=_instruct_defaults)
     full: Optional[StageConfig] = cfg_field(None, help="optional stage that also trains the tower")
     output_dir: Path = Path("runs/vlm")
-    log: LogConfig = field(default_factory=LogConfig)
+    log: LogConfig = field(default_factory=lambda: LogConfig(tensorboard=False))
 
     def stage(self, name: str) -> StageConfig:
         """The config of stage ``name``; a stage the YAML does not define is a one-line error."""

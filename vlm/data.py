@@ -151,15 +151,3 @@ class ConversationDataset(torch.utils.data.Dataset):
                     return Skipped(tokens.sample_id, e.reason)
                 raise SampleError(f"sample {tokens.sample_id!r}: image {self.records[index]['image']}: {e}") from None
         return Example(tokens, pixels)
-
-
-def validate_all(dataset: ConversationDataset) -> dict[str, int]:
-    """Tokenize every sample (no images) so template/label problems fail before training; returns counts."""
-    stats = {"samples": 0, "with_image": 0, "truncated": 0, "tokens": 0}
-    for i in range(len(dataset)):
-        t = dataset.tokens(i)
-        stats["samples"] += 1
-        stats["with_image"] += int(t.has_image)
-        stats["truncated"] += int(t.truncated_tokens > 0)
-        stats["tokens"] += t.length
-    return stats

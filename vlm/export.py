@@ -34,7 +34,7 @@ from vilex.config import from_dict
 from vilex.errors import UserError
 from vlm.config import VLMModelConfig
 from vlm.model import VLM, read_checkpoint_meta, resolve_checkpoint
-from vlm.towers import VISION_TOWERS
+from vlm.towers import VLM_TOWERS
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def processor_chat_template(llm_template: str, image_token: str) -> str:
 
 def check_exportable(config: VLMModelConfig) -> None:
     """A one-line UserError for checkpoints no stock HF Llava can represent."""
-    if not getattr(VISION_TOWERS.get(config.tower.type), "exportable", False):
+    if not getattr(VLM_TOWERS.get(config.tower.type), "exportable", False):
         raise UserError(f"export-hf: tower type '{config.tower.type}' cannot be exported to HF Llava (the ViLex tokens "
                         f"go through a second projector and are appended after the patch tokens; no stock HF class "
                         f"does that). Use vlm.model.VLM.from_checkpoint for inference instead")

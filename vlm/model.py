@@ -19,9 +19,10 @@ Every forward runs the tower and projectors, on a zero image when the micro-batc
 multiplied by 0): all ranks then call the same modules in the same order (ZeRO-3 gathers parameters per module
 collectively) and every trainable parameter gets a gradient (DDP).
 
-Stages are an explicit map ``STAGE_TRAINS``; ``set_trainable`` sets requires_grad for every component and logs one line
-per component. A checkpoint folder (``save_components``) holds ``projector/`` always, ``tower/`` and ``llm/`` when they
-were trained, ``tokenizer/`` and ``vlm_config.json``; untrained components are referenced by their id/path.
+Stages are the explicit map ``STAGE_TRAINS`` (defined in config.py, re-exported here); ``set_trainable`` sets
+requires_grad for every component and logs one line per component. A checkpoint folder (``save_components``) holds
+``projector/`` always, ``tower/`` and ``llm/`` when they were trained, ``tokenizer/`` and ``vlm_config.json``;
+untrained components are referenced by their id/path.
 """
 from __future__ import annotations
 
@@ -39,18 +40,13 @@ from vilex.config import from_dict, to_dict
 from vilex.errors import UserError
 from vilex.models.registry import load_pretrained
 from vlm import varlen_attention  # noqa: F401  (registers attn_implementation "sdpa_varlen")
-from vlm.config import VLMModelConfig
+from vlm.config import STAGE_TRAINS, VLMModelConfig  # noqa: F401  (STAGE_TRAINS is re-exported here)
 from vlm.projector import Projectors, build_projectors, check_compatible, read_projector_folder, save_projectors
 from vlm.templates import IGNORE, Turn, build_template
 from vlm.towers import build_tower, enable_activation_checkpointing, load_saved_tower
 
 log = logging.getLogger(__name__)
 
-STAGE_TRAINS: dict[str, tuple[str, ...]] = {
-    "align": ("projector",),
-    "instruct": ("projector", "llm"),
-    "full": ("projector", "llm", "tower"),
-}
 COMPONENTS = ("tower", "projector", "llm")
 CONFIG_FILE = "vlm_config.json"
 PROJECTOR_DIR, TOWER_DIR, LLM_DIR, TOKENIZER_DIR = "projector", "tower", "llm", "tokenizer"

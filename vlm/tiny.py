@@ -26,7 +26,8 @@ from typing import Literal
 
 import torch
 
-from vlm.config import LLMConfig, ProjectorConfig, StageConfig, StageDataConfig, TowerConfig, VLMConfig, VLMModelConfig
+from vlm.config import (ConversationDataConfig, LLMConfig, ProjectorConfig, StageConfig, TowerConfig, VLMConfig,
+                        VLMModelConfig)
 
 CHATML_TEMPLATE = (
     r"{% for message in messages %}"
@@ -172,8 +173,8 @@ def tiny_vlm_config(llm: str | Path, tower_path: str | Path, out: str | Path, da
                     image_root: str | Path | None = None, tower_type: str = "siglip", feature_layer: int = -2,
                     projector: str = "mlp2x_gelu", num_vilex_tokens: int | None = None) -> VLMConfig:
     """A complete tiny ``VLMConfig`` (fp32, torch strategy, 4-sample steps) over the tiny folders."""
-    data = StageDataConfig(json=Path(data_json) if data_json else None,
-                           image_root=Path(image_root) if image_root else None, max_length=96)
+    data = ConversationDataConfig(json=Path(data_json) if data_json else None,
+                                  image_root=Path(image_root) if image_root else None, max_length=96)
     stage = dict(data=data, global_batch_size=4, micro_batch_size=2, precision="fp32", checkpoint_every=2,
                  log_every=1, warmup_ratio=0.0)
     return VLMConfig(
@@ -183,8 +184,9 @@ def tiny_vlm_config(llm: str | Path, tower_path: str | Path, out: str | Path, da
             projector=ProjectorConfig(type=projector),
             llm=LLMConfig(name_or_path=str(llm)),
         ),
-        align=StageConfig(**{**stage, "data": StageDataConfig(**{**data.__dict__, "template": "align"})}, lr=1e-3),
-        instruct=StageConfig(**{**stage, "data": StageDataConfig(**{**data.__dict__, "template": "instruct"})},
+        align=StageConfig(**{**stage, "data": ConversationDataConfig(**{**data.__dict__, "template": "align"})},
+                          lr=1e-3),
+        instruct=StageConfig(**{**stage, "data": ConversationDataConfig(**{**data.__dict__, "template": "instruct"})},
                              lr=1e-3, init_from="previous"),
         output_dir=Path(out),
     )

@@ -1,4 +1,5 @@
-"""vlm/towers.py — the VLM's vision towers, registered by type name in ``VISION_TOWERS``.
+"""vlm/towers.py — the VLM's vision towers, registered by type name in ``VLM_TOWERS`` (stage 1's ViT towers are a
+different registry, ``vilex.models.registry.VISION_TOWERS``, with a different ``feature_layer=-1``: see below).
 
 * ``siglip``       an HF ``SiglipVisionModel`` (hub id or folder); patch tokens of ``feature_layer``.
 * ``vilex``        the same class, weights from a stage-1 ViLex checkpoint's ``vit/`` folder.
@@ -39,7 +40,7 @@ from vlm.config import TowerConfig
 
 log = logging.getLogger(__name__)
 
-VISION_TOWERS: Registry[Any] = Registry("VLM vision tower")
+VLM_TOWERS: Registry[Any] = Registry("VLM vision tower")
 
 PATCH_GROUP = "patch"
 VILEX_TOKEN_GROUP = "vilex_tokens"
@@ -135,7 +136,7 @@ class SiglipPatchTower(nn.Module):
         return OrderedDict([(PATCH_GROUP, out.hidden_states[self._index])])
 
 
-VISION_TOWERS.register("siglip", SiglipPatchTower)
+VLM_TOWERS.register("siglip", SiglipPatchTower)
 
 
 STAGE1_PIPELINE_SUBFOLDER = "pipeline"  # where `vilex pretrain` checkpoints keep the ViLex checkpoint
@@ -156,7 +157,7 @@ def _stage1_config(checkpoint: str | Path):
     return path, stage1
 
 
-@VISION_TOWERS.register("vilex")
+@VLM_TOWERS.register("vilex")
 class ViLexPatchTower(SiglipPatchTower):
     """``vilex``: the stage-1 ViLex ViT (``<checkpoint>/vit``, a ``SiglipVisionModel``) as a plain patch tower."""
 
@@ -167,7 +168,7 @@ class ViLexPatchTower(SiglipPatchTower):
                    cfg.gradient_checkpointing)
 
 
-@VISION_TOWERS.register("vilex_tokens")
+@VLM_TOWERS.register("vilex_tokens")
 class ViLexTokensTower(SiglipPatchTower):
     """``vilex_tokens``: ViLex ViT patch tokens, then the first ``num_tokens`` ViLex tokens of the stage-1 pooler.
 
@@ -244,9 +245,9 @@ class ViLexTokensTower(SiglipPatchTower):
 
 def build_tower(cfg: TowerConfig, dtype: torch.dtype | None = None) -> SiglipPatchTower:
     """The tower named by ``cfg.type`` (an unknown type lists the registered ones)."""
-    return VISION_TOWERS.get(cfg.type).from_config(cfg, dtype)
+    return VLM_TOWERS.get(cfg.type).from_config(cfg, dtype)
 
 
 def load_saved_tower(folder: str | Path, cfg: TowerConfig, dtype: torch.dtype | None = None) -> SiglipPatchTower:
     """A trained tower saved inside a VLM checkpoint (``<ckpt>/tower``)."""
-    return VISION_TOWERS.get(cfg.type).from_saved(folder, cfg, dtype)
+    return VLM_TOWERS.get(cfg.type).from_saved(folder, cfg, dtype)

@@ -1,9 +1,12 @@
 """vlm/train.py — `vilex train-vlm --stage align|instruct|full`: one stage of LLaVA-style VLM training.
 
-Reads top to bottom: setup (process group, seed, model from references / previous stage / resume checkpoint, stage ->
-trainable components, data, micro-batch plan, strategy) -> loop (micro-step, non-finite guard, optimizer step, log,
-checkpoint) -> summary. The same code runs one process (``torch`` strategy; ``torchrun`` makes it DDP) or many under
-DeepSpeed ZeRO-2/3 (``deepspeed`` strategy, vilex/train/strategy.py), fp32 or bf16.
+``VLMTrainer`` is the stage-2 ``TrainTask`` of the shared run loop (vilex/train/run_loop.py: resume, the step with
+its non-finite guard, logging, checkpoint cadence, ``max_minutes``, summary). Here: setup (process group, seed, model
+from references / previous stage / resume checkpoint, stage -> trainable components, data, micro-batch plan,
+strategy), the loss of one micro-batch, the data counters and what a checkpoint holds. The same code runs one process
+(``torch`` strategy; ``torchrun`` makes it DDP) or many under DeepSpeed ZeRO-2/3 (``deepspeed`` strategy,
+vilex/train/strategy.py), fp32 or bf16. A resume checks that the frozen inputs the run references (the tower and
+LLM folders) still hold the weights it started from (content fingerprints in ``trainer_state.json``).
 
 Weights a stage starts from: ``init_from: previous`` = the latest checkpoint of the previous stage in the same
 ``output_dir`` (align -> instruct -> full); they are loaded BEFORE ``deepspeed.initialize`` (and through
@@ -25,37 +28,24 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from vilex.checkpoint import CheckpointManager
+from vilex.checkpoint import CheckpointManager, folder_fingerprint
 from vilex.config import save_config, to_dict
 from vilex.errors import ConfigError, UserError
 from vilex.train import distributed as D
 from vilex.train.common import NonFiniteLossError  # noqa: F401 (re-exported for callers)
-from vilex.train.common import (NonFiniteGuard, check_same_run_shape, rng_state, save_distributed, seed_everything,
-                                set_rng_state, sum_over_ranks)
+from vilex.train.common import rng_state, seed_everything, set_rng_state, sum_over_ranks
+from vilex.train.run_loop import LoopSettings, RunLoop, RunState, TrainTask
 from vilex.train.strategy import STRATEGIES, Strategy, warmup_cosine
 from vlm.config import STAGE_ORDER, StageConfig, VLMConfig, template_for
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunState:
-    """Counters that belong in every checkpoint (rank 0's view; data counters are per rank, see DataCounters)."""
-
-    step: int = 0
-    micro_steps: int = 0
-    nonfinite_total: int = 0
-    nonfinite_in_a_row: int = 0
-    losses: list[float] = field(default_factory=list)  # per optimizer step (mean over ranks and micro-batches)
 
 
 @dataclass
@@ -100,8 +90,8 @@ def resolve_init_from(cfg: VLMConfig, stage: str, init_from: str | None) -> Path
     return latest
 
 
-class VLMTrainer:
-    """Owns the objects of one stage's run; ``run()`` is the loop."""
+class VLMTrainer(TrainTask):
+    """Owns the objects of one stage's run; ``run()`` runs them through the shared loop."""
 
     def __init__(self, cfg: VLMConfig, stage: str, resume: str | None = None) -> None:
         self.cfg = cfg
@@ -121,11 +111,24 @@ class VLMTrainer:
                                                               sc.micro_batch_size, **extra)
         self.rank, self.world = self.strategy.rank, self.strategy.world_size
         self.out = cfg.stage_dir(stage)
-        self.ckpts = CheckpointManager(self.out / "checkpoints", keep_last=sc.keep_last)
-        self.resume_from = self.ckpts.resolve(resume)
-        self.state = RunState()
+        self.loop = RunLoop(self, self.strategy, LoopSettings(
+            output_dir=self.out, total_steps=0, log_every=sc.log_every, checkpoint_every=sc.checkpoint_every,
+            keep_last=sc.keep_last, max_consecutive_nonfinite=sc.max_consecutive_nonfinite,
+            max_minutes=sc.max_minutes, name=f"train-vlm {stage}", tensorboard=cfg.log.tensorboard,
+            wandb_project=cfg.log.wandb_project, wandb_config=to_dict(cfg)))
+        self.resume_from = self.loop.resolve(resume)
+        # the frozen inputs a stage reads by reference: other weights under the same path = another experiment
+        self.input_weights = {"tower_weights": folder_fingerprint(cfg.model.tower.name_or_path),
+                              "llm_weights": folder_fingerprint(cfg.model.llm.name_or_path)}
         self.counters = DataCounters()
-        self.writer = None
+
+    @property
+    def ckpts(self) -> CheckpointManager:
+        return self.loop.ckpts
+
+    @property
+    def state(self) -> RunState:
+        return self.loop.state
 
     # ---- setup
     def setup(self) -> None:
@@ -157,6 +160,7 @@ class VLMTrainer:
                                    sc.global_batch_size, sc.micro_batch_size, self.world, sc.seed,
                                    sc.data.group_by_length)
         self.total_steps = sc.max_steps or self.plan.steps_per_epoch * sc.epochs
+        self.loop.settings.total_steps = self.total_steps
         if self.strategy.is_main:
             log.info("%s: %d samples, %d steps/epoch (%d samples of a partial last batch unused per epoch), "
                      "%d steps, global batch %d = %d micro x %d accum x %d processes", self.stage, len(self.dataset),
@@ -169,30 +173,23 @@ class VLMTrainer:
         self.strategy.prepare(self.model, groups, warmup_cosine(warmup, self.total_steps, sc.min_lr_ratio),
                               optim_kwargs)
         if self.resume_from is not None:
-            self.load(self.resume_from)
-        self.loader = self._make_loader()
+            self.loop.resume(self.resume_from)
         if self.strategy.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.out / "config.yaml")
-            self._open_loggers()
 
-    def _make_loader(self):
+    def batches(self, state: RunState) -> Iterator[Any]:
         from vlm.packing import Collator
         from vlm.sampler import ResumableBatchSampler
 
         sc = self.sc
         row_length = sc.data.pack_length or sc.data.max_length
         collate = Collator(self.model.tokenizer.pad_token_id, sc.data.packing, row_length)
-        sampler = ResumableBatchSampler(self.plan, self.rank, start=self.state.micro_steps)
-        return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate,
-                                           num_workers=sc.data.num_workers,
-                                           persistent_workers=sc.data.num_workers > 0)
-
-    def _open_loggers(self) -> None:
-        if self.cfg.log.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tensorboard"))
+        sampler = ResumableBatchSampler(self.plan, self.rank, start=state.micro_steps)
+        self._tokens_logged = self.counters.real_tokens  # tokens/s counts this run's tokens only
+        return iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate,
+                                                num_workers=sc.data.num_workers,
+                                                persistent_workers=sc.data.num_workers > 0))
 
     # ---- one micro-batch
     def micro_step(self, batch) -> torch.Tensor:
@@ -200,8 +197,14 @@ class VLMTrainer:
             out = self.strategy.forward(**batch.model_inputs(self.strategy.device))
         return out["loss"]
 
+    def on_micro_batch(self, batch: Any, finite: bool) -> None:
+        self.counters.add(batch)
+
     # ---- checkpoints
-    def _gathered(self):
+    def identity(self) -> dict[str, Any]:
+        return {"stage": self.stage, **self.input_weights}
+
+    def gathered(self):
         """Gather ZeRO-3 partitions of the components rank 0 writes (a no-op otherwise)."""
         if getattr(self.strategy, "zero_stage", 0) != 3:
             return contextlib.nullcontext()
@@ -211,116 +214,44 @@ class VLMTrainer:
         params = [p for name in self.keep_components for p in mods[name].parameters()]
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
-    def save(self) -> Path:
-        """All ranks write into one temp folder; rank 0 publishes it atomically (vilex.train.common)."""
+    def save_every_rank(self, tmp: Path, rank: int) -> None:
+        torch.save({"rng": rng_state(), "counters": self.counters.__dict__}, tmp / f"rank{rank}.pt")
 
-        def every_rank(tmp: Path) -> None:
-            torch.save({"rng": rng_state(), "counters": self.counters.__dict__}, tmp / f"rank{self.rank}.pt")
-            if self.strategy.name == "deepspeed":
-                self.strategy.save(tmp)
+    def save_main(self, tmp: Path) -> None:
+        self.model.save_components(tmp, self.keep_components, stage=self.stage)
 
-        def main_only(tmp: Path) -> None:
-            if self.strategy.name == "torch":
-                self.strategy.save(tmp)
-            self.model.save_components(tmp, self.keep_components, stage=self.stage)
-            (tmp / "trainer_state.json").write_text(json.dumps(
-                {**self.state.__dict__, "world_size": self.world, "strategy": self.strategy.name,
-                 "stage": self.stage}, indent=1))
-
-        return save_distributed(self.ckpts, self.state.step, self.strategy.is_main, every_rank, main_only,
-                                self._gathered)
-
-    def load(self, folder: Path) -> None:
-        """Restore optimizer/scheduler, counters, RNG (the weights were built from the folder's components)."""
-        st = json.loads((folder / "trainer_state.json").read_text())
-        check_same_run_shape(folder, st, {"world_size": self.world, "strategy": self.strategy.name,
-                                          "stage": self.stage})
-        self.state = RunState(**{k: v for k, v in st.items() if k in RunState.__dataclass_fields__})
-        self.strategy.load(folder)
-        own = torch.load(folder / f"rank{self.rank}.pt", map_location="cpu", weights_only=False)
+    def load(self, folder: Path, rank: int) -> None:
+        """Counters and RNG (the weights were built from the folder's components, the optimizer by the loop)."""
+        own = torch.load(folder / f"rank{rank}.pt", map_location="cpu", weights_only=False)
         self.counters = DataCounters(**own["counters"])
         set_rng_state(own["rng"])
-        log.info("resumed from %s at step %d", folder, self.state.step)
 
     # ---- the loop
     def run(self) -> dict[str, Any]:
-        from tqdm.auto import tqdm
-
-        sc = self.sc
-        self.guard = NonFiniteGuard(self.state, sc.max_consecutive_nonfinite, self.ckpts.latest)
-        it = iter(self.loader)
-        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.strategy.is_main,
-                   desc=f"train-vlm {self.stage}", dynamic_ncols=True)
-        t_last, tokens_last = time.perf_counter(), self.counters.real_tokens
-        window: list[float] = []
-        while self.state.step < self.total_steps:
-            batch = next(it)
-            self.counters.add(batch)
-            loss = self.micro_step(batch)
-            finite = bool(self._sum([float(torch.isfinite(loss.detach()).all())])[0] == self.world)
-            if finite:
-                self.strategy.backward(loss)
-            self.state.micro_steps += 1
-            if not finite:
-                self.guard.bad()
-                continue
-            self.guard.ok()
-            result = self.strategy.step()
-            window.append(float(loss.detach()))
-            if not result.stepped:
-                continue
-            self.state.step += 1
-            step_loss = float(self._sum([sum(window) / len(window)])[0]) / self.world
-            window = []
-            self.state.losses.append(step_loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
-            if self.state.step % sc.log_every == 0 or self.state.step == self.total_steps:
-                dt = time.perf_counter() - t_last
-                self._log(step_loss, result.grad_norm, (self.counters.real_tokens - tokens_last) * self.world / dt)
-                t_last, tokens_last = time.perf_counter(), self.counters.real_tokens
-            if self.state.step % sc.checkpoint_every == 0 or self.state.step == self.total_steps:
-                self.save()
-        bar.close()
-        return self.summary()
+        return self.loop.run()
 
     def _sum(self, values: list[float]) -> list[float]:
         return sum_over_ranks(values, self.strategy.device)
 
-    def _log(self, loss: float, grad_norm: float | None, tokens_per_s: float) -> None:
-        if not self.strategy.is_main:
-            return
-        metrics = {"train/loss": loss, "train/tokens_per_s": tokens_per_s,
-                   "train/padding_fraction": 1 - self.counters.real_tokens / max(1, self.counters.padded_tokens)}
-        for g, lr in zip(self.strategy.optimizer.param_groups, self.strategy.lrs()):
-            metrics[f"train/lr_{g.get('name', 'group')}"] = lr
-        if grad_norm is not None and math.isfinite(grad_norm):
-            metrics["train/grad_norm"] = grad_norm
-        log.info("step %d  " + "  ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in metrics.items()), self.state.step)
-        if self.writer is not None:
-            for k, v in metrics.items():
-                self.writer.add_scalar(k, v, self.state.step)
-            self.writer.flush()
+    def log_metrics(self, window_seconds: float, window_steps: int) -> dict[str, float]:
+        c = self.counters
+        tokens = c.real_tokens - self._tokens_logged
+        self._tokens_logged = c.real_tokens
+        return {"train/tokens_per_s": tokens * self.world / max(window_seconds, 1e-9),
+                "train/padding_fraction": 1 - c.real_tokens / max(1, c.padded_tokens)}
 
-    def summary(self) -> dict[str, Any]:
-        """Run totals over all ranks (also written to <output_dir>/<stage>/summary.json)."""
+    def summary(self, state: RunState) -> dict[str, Any]:
+        """Data totals over all ranks (every rank calls this: it reduces)."""
         c = self.counters
         keys = ("samples", "truncated_samples", "truncated_tokens", "real_tokens", "padded_tokens", "empty_batches")
         totals = self._sum([float(getattr(c, k)) for k in keys])
         reasons = _all_skip_reasons(c.skipped)
         skipped = self._sum([float(c.skipped.get(r, 0)) for r in reasons])
         data = {k: int(v) for k, v in zip(keys, totals)}
-        s = {"stage": self.stage, "steps": self.state.step, "final_loss": self.state.losses[-1] if self.state.losses
-             else None, "losses": self.state.losses, "nonfinite_skipped": self.state.nonfinite_total,
-             "data": {**data, "skipped": {r: int(n) for r, n in zip(reasons, skipped)},
-                      "padding_fraction": 1 - data["real_tokens"] / max(1, data["padded_tokens"])},
-             "checkpoint": str(self.ckpts.latest()) if self.ckpts.latest() else None,
-             "params_partitioned_at_build": self.partitioned_at_build}
-        if self.strategy.is_main:
-            (self.out / "summary.json").write_text(json.dumps(s, indent=2, default=str))
-            if self.writer is not None:
-                self.writer.close()
-        return s
+        return {"stage": self.stage,
+                "data": {**data, "skipped": {r: int(n) for r, n in zip(reasons, skipped)},
+                         "padding_fraction": 1 - data["real_tokens"] / max(1, data["padded_tokens"])},
+                "params_partitioned_at_build": self.partitioned_at_build}
 
 
 def _all_skip_reasons(skipped: dict[str, int]) -> list[str]:

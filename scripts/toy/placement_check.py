@@ -2,7 +2,7 @@
 
 The decoder gate runs the placement test once, at the end; a from-scratch run is worth watching earlier:
 
-    python scripts/toy/placement_check.py --config configs/toy/decoder_attributes.yaml [--checkpoint N] [--raw] [--set work_dir=...]
+    python scripts/toy/placement_check.py --config configs/toy/decoder.yaml [--checkpoint N] [--raw] [--set work_dir=...]
 
 Reads ``<work_dir>/checkpoints/checkpoint-N`` (default: every checkpoint there), the EMA weights unless ``--raw``,
 and prints one line per checkpoint: hit rate (chance 0.25) and opposite-corner centroid shift per caption kind.
@@ -18,13 +18,8 @@ import torch
 from vilex.checkpoint import load_tensors
 from vilex.config import load_config
 from toy.placement import MIN_ALPHA_BAR, placement_test
-from toy.pretrain_decoder import (
-    DecoderPretrainConfig,
-    _Parts,
-    build_noise_scheduler,
-    build_unet,
-    load_or_build_text_encoder,
-)
+from toy.decoder_model import build_noise_scheduler, build_unet, load_or_build_text_encoder
+from toy.pretrain_decoder import DecoderPretrainConfig, _Parts
 from toy.tokenizer import load_toy_tokenizer
 
 
@@ -49,8 +44,11 @@ def main() -> None:
     folder = Path(cfg.work_dir) / "checkpoints"
     steps = args.checkpoint or sorted(int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*"))
     for step in steps:
-        tensors, _ = load_tensors(folder / f"checkpoint-{step}",
-                                  **({} if args.raw else {"weights_name": "ema.safetensors"}))
+        if args.raw:
+            tensors, _ = load_tensors(folder / f"checkpoint-{step}")
+        else:  # the EMA is saved beside the live weights as "ema.<name>" (toy.pretrain_decoder.DecoderTrainer)
+            extra, _ = load_tensors(folder / f"checkpoint-{step}", weights_name="extra.safetensors")
+            tensors = {k[len("ema."):]: v for k, v in extra.items() if k.startswith("ema.")}
         parts.load_state_dict(tensors, strict=args.raw)
         for min_alpha_bar in args.min_alpha_bar or [MIN_ALPHA_BAR]:
             with torch.no_grad():

@@ -55,12 +55,12 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
 
 @command("cache-latents", help="precompute the VAE posterior (mean, std) of every training image")(_cache_args)
 def _cache_latents(args: argparse.Namespace) -> int:
-    from vilex.models import build_vilex_model
+    from vilex.models import ViLexModel
     from vilex.train.data import model_views
     from vilex.train.latent_cache import LatentCache
 
     cfg = _load_pretrain_config(args)
-    model = build_vilex_model(cfg.model)
+    model = ViLexModel.from_config(cfg.model)
     if not model.decoder.has_vae:
         print(f"decoder '{cfg.model.decoder.type}' works in pixel space: nothing to cache", file=sys.stderr)
         return 0

@@ -22,7 +22,7 @@ _WHERE = {
     "FROZEN_DECODERS": "registry", "VISION_TOWERS": "registry", "load_pretrained": "registry",
     "sample_num_keep": "taildrop",
     "SiglipTower": "towers", "TimmTower": "towers", "VisionTower": "towers", "build_vision_tower": "towers",
-    "ViLexModel": "vilex_model", "build_vilex_model": "vilex_model", "read_vilex_config": "vilex_model",
+    "ViLexModel": "vilex_model", "read_vilex_config": "vilex_model",
     "write_checkpoint": "vilex_model",
 }
 
@@ -55,7 +55,6 @@ __all__ = [
     "build_frozen_decoder",
     "build_text_conditioning",
     "build_text_layout",
-    "build_vilex_model",
     "build_vision_tower",
     "load_pretrained",
     "read_vilex_config",

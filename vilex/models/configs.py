@@ -36,8 +36,10 @@ class VisionTowerConfig:
     init: dict[str, Any] | None = cfg_field(
         None, help="config kwargs for a randomly initialised tower (SiglipVisionConfig / timm.create_model kwargs)")
     checkpoint: str | None = cfg_field(None, help="timm only: local weights file (.safetensors/.pth) to load")
-    feature_layer: int = cfg_field(-1, help="hidden layer feeding the pooler: -1 last (after the final norm), "
-                                            "-2 penultimate, k>=0 the output of block k-1 (0 = patch embeddings)")
+    feature_layer: int = cfg_field(-1, help="hidden layer feeding the pooler: -1 last (after the final norm, "
+                                            "= last_hidden_state; unlike the VLM's tower.feature_layer, where -1 has "
+                                            "no norm), -2 penultimate, k>=0 the output of block k-1 (0 = patch "
+                                            "embeddings)")
     gradient_checkpointing: bool = cfg_field(False, help="non-reentrant activation checkpointing in the ViT")
     image_size: int | None = cfg_field(None, gt=0, help="input resolution; None -> the tower's own")
 

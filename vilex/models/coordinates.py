@@ -9,8 +9,10 @@ position, so a caption's "top left" can be drawn there.
 
 The UNet stays a plain diffusers ``UNet2DConditionModel``: its ``in_channels`` is the image channels
 plus 2, exactly as an inpainting UNet's ``in_channels`` carries its extra mask channels, and the
-caller concatenates them. ``coordinate_channels(unet)`` reads that difference; every call of the UNet
-goes through ``unet_forward`` so the rule lives in one place.
+caller concatenates them. ``coordinate_channels(unet)`` reads that difference and ``with_coordinates``
+appends the grid; ``unet_forward`` does both around a UNet call (the toy decoder's pretraining and placement
+check). In ViLex only the "pixel_unet" frozen decoder takes coordinates; the latent "stable_diffusion"
+decoder calls its UNet plainly and never uses this module.
 """
 from __future__ import annotations
 

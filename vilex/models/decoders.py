@@ -22,7 +22,9 @@ checkpointed layers alone (their attention/MLP submodules stay in eval, so nothi
 
 Registered types: "stable_diffusion" (SD1.x/2.x folders: unet/, vae/, text_encoder/, tokenizer/,
 scheduler/) and "pixel_unet" (the same without vae/: a pixel-space UNet, Imagen/DeepFloyd-IF style).
-Both use a CLIP text encoder, which is what those layouts ship.
+Both use a CLIP text encoder, which is what those layouts ship. The base class calls the UNet plainly
+with x_t (a UNet must take exactly the channels it predicts); only "pixel_unet" may take extra (x, y)
+coordinate input channels (CoordConv, coordinates.py), which it appends itself.
 """
 from __future__ import annotations
 
@@ -33,10 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vilex.errors import UserError
+from vilex.errors import ConfigError, UserError
 from vilex.models.conditioning import SpecialTokens, TextLayout, build_text_conditioning
 from vilex.models.configs import DecoderConfig
-from vilex.models.coordinates import coordinate_channels, unet_forward
+from vilex.models.coordinates import coordinate_channels, with_coordinates
 from vilex.models.registry import FROZEN_DECODERS, load_pretrained
 from vilex.models.timesteps import draw_timesteps
 
@@ -63,7 +65,7 @@ class FrozenDecoder(nn.Module):
         self.vae = vae
         self.scheduler = scheduler
         self.special = SpecialTokens.from_tokenizer(tokenizer)
-        coordinate_channels(unet)  # an unsupported channel layout fails here, not mid-training
+        self.extra_input_channels = self._extra_input_channels(unet)  # a bad layout fails here, not mid-training
         if self.prediction_type not in PREDICTION_TYPES:
             raise UserError(f"decoder scheduler prediction_type '{self.prediction_type}' is not one of "
                             f"{', '.join(PREDICTION_TYPES)}")
@@ -118,6 +120,20 @@ class FrozenDecoder(nn.Module):
         scheduler = load_pretrained(DDPMScheduler.from_pretrained, path, "decoder scheduler", subfolder="scheduler")
         return tokenizer, text_encoder, unet, scheduler
 
+    # ------------------------------------------------------------------ the UNet's inputs
+    @staticmethod
+    def _extra_input_channels(unet: Any) -> int:
+        """Input channels the UNet takes beyond x_t: none (it reads exactly the channels it predicts)."""
+        if int(unet.config.in_channels) != int(unet.config.out_channels):
+            raise ConfigError(f"the decoder UNet takes {unet.config.in_channels} input channels and predicts "
+                              f"{unet.config.out_channels}: this decoder type feeds it x_t alone, so the two must "
+                              f"be equal")
+        return 0
+
+    def unet_input(self, x_t: torch.Tensor) -> torch.Tensor:
+        """What the UNet reads for noisy x_t: x_t itself."""
+        return x_t
+
     # ------------------------------------------------------------------ frozen: always eval
     def train(self, mode: bool = True) -> FrozenDecoder:
         super().train(False)
@@ -162,7 +178,8 @@ class FrozenDecoder(nn.Module):
 
     @property
     def model_space_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of x0 (latents or pixels): what the UNet predicts (its inputs may carry extra channels)."""
+        """(C, H, W) of x0 (latents or pixels): what the UNet predicts (a pixel_unet's inputs may carry
+        extra coordinate channels)."""
         size = int(self.unet.config.sample_size)
         return (int(self.unet.config.out_channels), size, size)
 
@@ -196,15 +213,11 @@ class FrozenDecoder(nn.Module):
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The UNet's prediction (of the scheduler's prediction_type) for noisy x_t at timesteps t; fp32."""
         dtype = self.dtype
-        return unet_forward(self.unet, x_t.to(dtype), t, cond.to(dtype)).float()
+        return self.unet(self.unet_input(x_t.to(dtype)), t, encoder_hidden_states=cond.to(dtype)).sample.float()
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the UNet is trained to predict, per the scheduler's prediction_type."""
-        if self.prediction_type == "epsilon":
-            return noise
-        if self.prediction_type == "v_prediction":
-            return self.scheduler.get_velocity(x0, noise, t)
-        return x0
+        return diffusion_target(self.scheduler, x0, noise, t)
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
         """Per-sample weights: 1, or min-SNR-gamma (Hang et al. 2023) expressed for the prediction type."""
@@ -233,6 +246,16 @@ class FrozenDecoder(nn.Module):
         pred = self.predict(x_t, t, cond)
         mse = (pred - self.target(x0, noise, t)).pow(2).flatten(1).mean(1)
         return mse * self.loss_weights(t)
+
+
+def diffusion_target(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What a diffusers scheduler's model learns to predict for noisy ``x0`` at ``t``: its ``prediction_type``."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    return x0
 
 
 @FROZEN_DECODERS.register("stable_diffusion")
@@ -285,7 +308,15 @@ class StableDiffusionDecoder(FrozenDecoder):
 
 @FROZEN_DECODERS.register("pixel_unet")
 class PixelUNetDecoder(FrozenDecoder):
-    """Pixel-space diffusion (no VAE): x0 = the image in [-1, 1]."""
+    """Pixel-space diffusion (no VAE): x0 = the image in [-1, 1]. Its UNet may take 2 extra (x, y)
+    coordinate input channels (``in_channels = out_channels + 2``, CoordConv), appended to x_t here."""
+
+    @staticmethod
+    def _extra_input_channels(unet: Any) -> int:
+        return coordinate_channels(unet)  # 0, or 2 for (x, y) coordinates; any other layout is refused
+
+    def unet_input(self, x_t: torch.Tensor) -> torch.Tensor:
+        return with_coordinates(x_t, self.extra_input_channels)
 
     @classmethod
     def from_config(cls, config: DecoderConfig) -> PixelUNetDecoder:

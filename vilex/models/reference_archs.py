@@ -80,7 +80,3 @@ def build_reference(hub_id: str, part: str, device: str | torch.device = "meta")
 
             return SiglipVisionModel(SiglipVisionConfig(**arch["vision"]))
     raise KeyError(f"{hub_id} has no part '{part}'")
-
-
-def num_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -1,6 +1,8 @@
 """registry.py — the Stage-1 registries and the one loader every pretrained component goes through.
 
-* ``VISION_TOWERS``   type name -> VisionTower class   ("siglip", "timm"; see towers.py)
+* ``VISION_TOWERS``   type name -> VisionTower class   ("siglip", "timm"; see towers.py): the ViT of the ViLex
+                      encoder. Its ``feature_layer=-1`` is the last block PLUS the final norm (``last_hidden_state``);
+                      stage 2 keeps its own towers in ``vlm.towers.VLM_TOWERS``, where -1 is HF Llava's (no norm).
 * ``FROZEN_DECODERS`` type name -> FrozenDecoder class ("stable_diffusion", "pixel_unet"; see decoders.py)
 
 ``load_pretrained(load, name_or_path, what)`` is THE real-weights path: a hub id and a local folder go

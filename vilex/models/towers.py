@@ -1,4 +1,5 @@
-"""towers.py — vision towers (the ViT of the ViLex encoder) behind one interface, registered by type name.
+"""towers.py — vision towers (the ViT of the ViLex encoder) behind one interface, registered by type name in
+``VISION_TOWERS``.
 
 Interface (``VisionTower``): ``forward(pixel_values (B,3,H,W)) -> patch tokens (B, L, C)`` taken from the
 configured layer, plus ``hidden_size``, ``image_size``, ``image_mean``/``image_std`` (the normalisation the
@@ -7,7 +8,8 @@ tower expects), ``save_pretrained(folder)``, ``from_config(cfg)`` (pretrained or
 
 ``feature_layer`` follows the HF ``hidden_states`` convention: index k is the output of block k-1
 (0 = patch embeddings), -2 the penultimate block; -1 is special: the LAST block followed by the tower's
-final norm (SigLIP's ``post_layernorm``), i.e. ``last_hidden_state``. Parameters that cannot influence
+final norm (SigLIP's ``post_layernorm``), i.e. ``last_hidden_state`` (stage 2's towers, ``vlm.towers.VLM_TOWERS``,
+follow HF Llava instead: there -1 is the last block without the norm). Parameters that cannot influence
 the selected layer (later blocks, final norm, SigLIP's MAP head) are frozen (requires_grad=False) so the
 optimizer never holds parameters that can never get a gradient; they are still saved, so the saved ViT
 is a complete ``SiglipVisionModel`` (stage 2 loads it with plain ``from_pretrained``).

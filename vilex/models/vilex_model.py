@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -92,16 +91,6 @@ class ViLexModel(nn.Module):
             state = "frozen" if trainable == 0 else "trainable"
             log.info("%-8s %-9s %12s params (%s trainable)", name, state, f"{total:,}", f"{trainable:,}")
 
-    def image_views(self) -> dict[str, dict[str, Any]]:
-        """What each side expects from the data layer: ``{"encoder": {size, mean, std}, "decoder": {...}}``
-        (keys named like ``vilex.data.ViewConfig`` fields; ``ViewConfig(**view)`` works). The decoder side is
-        always [-1, 1] (mean = std = 0.5) at the decoder's image size."""
-        vit = self.encoder.vit
-        return {
-            "encoder": {"size": vit.image_size, "mean": tuple(vit.image_mean), "std": tuple(vit.image_std)},
-            "decoder": {"size": self.decoder.image_size, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)},
-        }
-
     def forward(self, encoder_pixels: torch.Tensor, x0: torch.Tensor, generator: torch.Generator | None = None,
                 num_keep: int | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Loss of reconstructing x0 (decoder model space) from the ViLex tokens of ``encoder_pixels``.
@@ -125,11 +114,6 @@ class ViLexModel(nn.Module):
         cond = self.decoder.encode_text(tokens, num_keep)
         loss_per_sample = self.decoder.diffusion_loss(x0, cond, generator)
         return {"loss": loss_per_sample.mean(), "loss_per_sample": loss_per_sample, "num_keep": num_keep}
-
-
-def build_vilex_model(config: ViLexConfig) -> ViLexModel:
-    """A fresh ``ViLexModel`` from its config (decoder loaded and frozen; encoder pretrained/random-init)."""
-    return ViLexModel.from_config(config)
 
 
 def write_checkpoint(folder: str | Path, encoder: ViLexEncoder, config: ViLexConfig) -> None:

@@ -23,7 +23,7 @@ from vilex.models.configs import ViLexConfig
 class OptimConfig:
     """AdamW (the open stand-in for the paper's Adafactor) with two parameter groups."""
 
-    lr_vit: float = cfg_field(1e-5, ge=0, help="ViT (SigLIP init) learning rate; the paper's 1e-5")
+    lr_vit: float = cfg_field(1e-5, gt=0, help="ViT (SigLIP init) learning rate; the paper's 1e-5")
     lr_pooler: float = cfg_field(3e-4, gt=0, help="attention pooler (random init) learning rate; the paper's 3e-4")
     weight_decay: float = cfg_field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -38,6 +38,9 @@ class TrainConfig:
     output_dir: Path = Path("runs/pretrain")
     seed: int = 0
     max_steps: int = cfg_field(1000, ge=1, help="optimizer steps")
+    trainable: list[Literal["vit", "pooler"]] = cfg_field(
+        default_factory=lambda: ["vit", "pooler"], help="the encoder parts that learn (the paper: both); the others "
+                                                        "stay frozen, e.g. [pooler] for a frozen-ViT probe")
     micro_batch_size: int = cfg_field(8, ge=1, help="images per process per forward")
     grad_accum: int = cfg_field(1, ge=1)
     strategy: Literal["torch", "deepspeed"] = "torch"
@@ -53,14 +56,20 @@ class TrainConfig:
     log_every: int = cfg_field(10, ge=1)
     max_consecutive_nonfinite: int = cfg_field(5, ge=1, help="stop after this many non-finite losses in a row")
     peak_tflops: Optional[float] = cfg_field(None, gt=0, help="hardware bf16 peak for MFU (null = measure once)")
+    max_minutes: Optional[float] = cfg_field(None, gt=0, help="checkpoint and stop after this long (--resume auto "
+                                                              "continues); null = no limit")
 
     def validate(self) -> None:
         if self.strategy == "deepspeed" and self.deepspeed_config is None:
             raise ConfigError("train.deepspeed_config is required with train.strategy: deepspeed")
+        if not self.trainable or len(set(self.trainable)) != len(self.trainable):
+            raise ConfigError(f"train.trainable: one or both of 'vit', 'pooler', each once; got {self.trainable}")
 
 
 @dataclass
-class DataConfig:
+class PretrainDataConfig:
+    """The training image source and the (optional) validation one."""
+
     train: DataSourceConfig = field(default_factory=DataSourceConfig)
     val: Optional[DataSourceConfig] = cfg_field(None, help="validation images (null = first images of train)")
 
@@ -84,14 +93,16 @@ class ValConfig:
 
 @dataclass
 class LogConfig:
+    """Where the run loop's metrics go besides the console and ``train_log.jsonl`` (stage 1 and stage 2)."""
+
     tensorboard: bool = True
-    wandb_project: Optional[str] = None
+    wandb_project: Optional[str] = cfg_field(None, help="a W&B project to log to (needs wandb installed)")
 
 
 @dataclass
 class PretrainConfig:
     model: ViLexConfig = field(default_factory=ViLexConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     latent_cache: LatentCacheConfig = field(default_factory=LatentCacheConfig)
     val: ValConfig = field(default_factory=ValConfig)

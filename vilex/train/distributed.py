@@ -70,14 +70,6 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def broadcast_object(obj, src: int = 0):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def shutdown_and_exit(code: int = 0) -> None:
     """End a worker cleanly: destroying the group then os._exit avoids rare gloo aborts at interpreter exit."""
     if dist.is_initialized():

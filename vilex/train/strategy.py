@@ -56,14 +56,18 @@ class Strategy:
     """Interface. ``prepare`` once, then per micro-batch: ``forward`` (under ``autocast``), ``backward``, ``step``."""
 
     name = "base"
+    # True: every rank writes its own part of the checkpoint (ZeRO partitions) and it holds the module weights too;
+    # False: rank 0 writes the optimizer state alone and the trainer saves the weights it wants.
+    shards_state = False
 
-    def __init__(self, precision: str, grad_accum: int, grad_clip: float | None, micro_batch: int) -> None:
+    def __init__(self, precision: str, grad_accum: int, grad_clip: float | None, micro_batch: int,
+                 device: torch.device | None = None) -> None:
         self.precision = precision
         self.grad_accum = grad_accum
         self.grad_clip = grad_clip
         self.micro_batch = micro_batch
         self.rank, self.world_size, self.local_rank = D.env_world()
-        self.device = D.default_device()
+        self.device = device if device is not None else D.default_device()
         self.module: nn.Module | Any = None
         self.optimizer: torch.optim.Optimizer | Any = None
         self.scheduler: Any = None
@@ -74,8 +78,8 @@ class Strategy:
         return self.rank == 0
 
     def autocast(self):
-        enabled = self.precision == "bf16" and self.name == "torch"
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        """bf16 autocast over fp32 weights when ``precision`` is bf16."""
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def construction_context(self) -> contextlib.AbstractContextManager:
         """Enter while building the model. Plain strategies: nothing. DeepSpeed ZeRO-3: Hugging Face models built
@@ -182,6 +186,7 @@ def zero_stage(ds_cfg: dict) -> int:
 @STRATEGIES.register("deepspeed")
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
+    shards_state = True
 
     def __init__(self, *args, deepspeed_config: Path, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -226,6 +231,10 @@ class DeepSpeedStrategy(Strategy):
 
     def unwrapped(self) -> nn.Module:
         return self.module.module
+
+    def autocast(self):
+        """No autocast: DeepSpeed holds bf16 weights itself (inputs are cast in ``forward``)."""
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=False)
 
     def forward(self, *args, **kwargs):
         args = [a.to(self.param_dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args]

@@ -1,0 +1,147 @@
+"""toy/decoder_gate.py — the toy decoder's held-out quality gate: DDIM + classifier-free-guidance samples of held-out
+captions (``Stream.HELDOUT``, never trained on), judged by the attribute probe against the scene graphs, and the
+placement test (does E[x0 | caption] put the object where its position words say?).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from toy.decoder_model import encode_prompts
+from toy.placement import placement_test
+from toy.probe import chance_levels, clear_largest, judge, load_probe, summarize
+from toy.recipe import Stream, images_to_unit_range, render_batch, toy_rng
+from toy.scenes import world
+from toy.tokenizer import load_toy_tokenizer
+from vilex.config import cfg_field, to_dict
+from vilex.errors import UserError
+from vilex.models.coordinates import unet_forward
+
+
+@dataclass
+class DecoderGateSpec:
+    """The held-out quality gate (judged by the attribute probe)."""
+
+    enabled: bool = cfg_field(True)
+    probe: str = cfg_field("assets/toy/probe", help="attribute-probe folder (vilex toy train-probe)")
+    n_scenes: int = cfg_field(128, ge=2, help="held-out scenes with a clear largest object; half coarse, half fine")
+    ddim_steps: int = cfg_field(25, ge=1)
+    guidance_scale: float = cfg_field(3.0, ge=0)
+    batch_size: int = cfg_field(64, ge=1)
+    grid_images: int = cfg_field(16, ge=1, help="samples shown in samples.png")
+
+
+@torch.no_grad()
+def sample_images(unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, noise_scheduler: Any,
+                  prompts: Sequence[str], steps: int = 25, guidance_scale: float = 3.0, seed: int = 0,
+                  batch_size: int = 64) -> torch.Tensor:
+    """DDIM samples (B, 3, H, W) in [-1, 1], on the CPU, for ``prompts`` with classifier-free guidance."""
+    from diffusers import DDIMScheduler
+
+    size = int(unet.config.sample_size)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(prompts), 3, size, size, generator=generator)
+    uncond_one = encode_prompts(tokenizer, text_encoder, [""])
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = list(prompts[i:i + batch_size])
+        cond = encode_prompts(tokenizer, text_encoder, chunk)
+        context = torch.cat([uncond_one.expand(len(chunk), -1, -1), cond])
+        ddim = DDIMScheduler.from_config(noise_scheduler.config)
+        ddim.set_timesteps(steps)
+        x = noise[i:i + len(chunk)].to(unet.device)
+        for t in ddim.timesteps:
+            pred_uncond, pred_cond = unet_forward(unet, torch.cat([x, x]), t, context).chunk(2)
+            x = ddim.step(pred_uncond + guidance_scale * (pred_cond - pred_uncond), t, x).prev_sample
+        out.append(x.clamp(-1.0, 1.0).cpu())
+    return torch.cat(out)
+
+
+def signed_images_to_pil(images: torch.Tensor) -> list:
+    """(B, 3, H, W) tensors in [-1, 1] -> PIL images (``vilex.pipeline.to_pil`` takes [0, 1])."""
+    from PIL import Image
+
+    arr = ((images.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a, "RGB") for a in arr]
+
+
+def gate_scenes(seed: int, n: int) -> tuple[list[world.Scene], int]:
+    """The first ``n`` held-out scenes with a clear largest object, and how many scenes were drawn for them."""
+    rng = toy_rng(seed, Stream.HELDOUT)
+    scenes, drawn = [], 0
+    while len(scenes) < n:
+        scene = world.sample_scene(rng)
+        drawn += 1
+        if clear_largest(scene):
+            scenes.append(scene)
+    return scenes, drawn
+
+
+def decoder_quality_gate(unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, noise_scheduler: Any,
+                         probe_dir: str | Path, spec: DecoderGateSpec, seed: int) -> tuple[dict[str, Any], Any]:
+    """Sample held-out captions (even index: coarse, odd: fine), judge them with the probe; (metrics, sheet)."""
+    from toy.scenes.contact_sheet import make_contact_sheet
+
+    probe = load_probe(probe_dir)
+    scenes, drawn = gate_scenes(seed, spec.n_scenes)
+    captions = [world.caption_coarse(s) if i % 2 == 0 else world.caption_fine(s) for i, s in enumerate(scenes)]
+    started = time.time()
+    images = sample_images(unet, text_encoder, tokenizer, noise_scheduler, captions, spec.ddim_steps,
+                           spec.guidance_scale, seed=seed, batch_size=spec.batch_size)
+    sample_s = time.time() - started
+    generated = judge(probe, images, scenes)
+    placement = placement_test(unet, text_encoder, tokenizer, noise_scheduler, seed=seed)
+    real = judge(probe, images_to_unit_range(render_batch(scenes, images.shape[-1])), scenes)
+    coarse = np.arange(len(scenes)) % 2 == 0
+    metrics = {
+        "generated": {"all": summarize(generated), "coarse_captions": summarize(generated, coarse),
+                      "fine_captions": summarize(generated, ~coarse)},
+        "probe_on_real_renders": summarize(real),
+        "placement": placement,  # does E[x0 | caption] put the object where its position words say? (placement.py)
+        "chance": chance_levels(probe.labels),
+        "heldout_scenes_drawn": drawn,
+        "heldout_scenes_used": len(scenes),
+        "selection": "held-out stream scenes whose largest object is clear (probe.clear_largest); others skipped",
+        "ddim_steps": spec.ddim_steps, "guidance_scale": spec.guidance_scale,
+        "sampling_seconds": round(sample_s, 1),
+    }
+    k = min(spec.grid_images, len(scenes))
+    sheet = make_contact_sheet(signed_images_to_pil(images[:k]), captions[:k], columns=8, image_px=64, tile_width=128,
+                               caption_lines=7, font_size=9)
+    return metrics, sheet
+
+
+def gate_decoder_folder(decoder_dir: str | Path, spec: DecoderGateSpec, seed: int) -> dict[str, Any]:
+    """Run the quality gate on a saved decoder folder; rewrites its samples.png and ``metrics.gate`` in recipe.json."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from toy.recipe import RECIPE_NAME, read_recipe
+
+    folder = Path(decoder_dir)
+    if not (folder / "unet").is_dir():
+        raise UserError(f"not a toy decoder folder (no unet/): {folder}")
+    if not (Path(spec.probe) / "config.json").is_file():
+        raise UserError(f"gate.probe: attribute probe not found: {spec.probe}")
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet")).eval()
+    text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder")).eval()
+    tokenizer = load_toy_tokenizer(folder / "tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"))
+    metrics, sheet = decoder_quality_gate(unet, text_encoder, tokenizer, scheduler, spec.probe, spec, seed)
+    sheet.save(folder / ".samples.png.tmp", format="PNG", optimize=True)
+    os.replace(folder / ".samples.png.tmp", folder / "samples.png")
+    if (folder / RECIPE_NAME).is_file():
+        recipe = read_recipe(folder)
+        recipe["metrics"]["gate"] = metrics
+        recipe["gate_config"] = to_dict(spec)  # the gate was (re)run on its own with these settings
+        (folder / ".recipe.json.tmp").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
+        os.replace(folder / ".recipe.json.tmp", folder / RECIPE_NAME)
+    return metrics
