@@ -117,12 +117,11 @@ def arm_metrics(pred: torch.Tensor, images: torch.Tensor, scenes: list[world.Sce
 
 
 # ----------------------------------------------------------------------------- claim D: Text-Free Guidance
-# w_tfg of the claims (PAPER.md §1.6: the paper's value was not recovered; "sweep w"). Chosen on the VAL split, not
-# the test scenes the claims report: the smallest w at which the probe reads the asked background in at least half
-# the edits (D's first check), i.e. the least text steering that makes the edit. scripts/toy/tfg_sweep.py on 32
-# val scenes, 16 tokens, CFG 3, toy ViLex v3: w 1.0 / 1.25 / 1.5 / 2 / 3 -> background as asked 0.48 / 0.68 / 0.68
-# / 0.61 / 0.45, object-region RMSE 0.299 / 0.299 / 0.305 / 0.329 / 0.398 (edited caption: 0.97, 0.359). Sessions
-# 2-5 used w = 3, where the TFG arm over-steers: the objects' colours drift (RMSE above the caption's).
+# w_tfg of the claims. No value from the paper (Wang et al., arXiv 2412.06774) was available to us, so it is
+# chosen here, on the VAL split, not the test scenes the claims report: the smallest w at which the probe reads
+# the asked background in at least half the edits (D's first check), i.e. the least text steering that makes the
+# edit. A larger w steers harder and the objects drift (colours shift, shapes swell; at w = 3 they end further from
+# the source than with the edited caption alone). The curve (scripts/toy/tfg_sweep.py) is in docs/EXPERIMENTS.md.
 TFG_SCALE = 1.25
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # gpu_vilex_sweep.sh — several toy ViLex runs side by side on ONE GPU inside a fixed wall-clock budget, then the
-# claims of each (`vilex toy ship-vilex`, sampled on the GPU). Written for the lent H200 of session 6 (10-minute
-# commands); it runs anywhere, CPU included (slowly).
+# claims of each (`vilex toy ship-vilex`, sampled on the GPU). Written for a GPU machine reached through commands of
+# at most 10 minutes; it runs anywhere, CPU included (slowly).
 #
 # The toy models are tiny, so one run keeps a GPU mostly idle (Python launch overhead); several side by side share it.
 # The step budget of each run is set from a short speed probe, so every run finishes its cosine schedule in time.
@@ -22,9 +22,9 @@
 #         its last checkpoint's pipeline/ and trainer_state.json (not the optimizer: no resuming from these), and
 #         its ship folder with claims.md and the PNGs), $OUT/sweep.json
 #
-# Session 6 ran it as: mkdir -p $OUT; BUDGET_S=545 SHIP_S=130 PROBE_STEPS=60 scripts/toy/gpu_vilex_sweep.sh 2>&1 |
-#   tee $OUT/sweep.log  (device carry: .devcarry; 6 runs at ~70-135 ms/step each; 437 s in all)
 # Usage: BUDGET_S=560 scripts/toy/gpu_vilex_sweep.sh 2>&1 | tee sweep.log     (BUDGET_S: seconds from start to the last tarball)
+#   e.g. on the device machine: mkdir -p $OUT; BUDGET_S=545 SHIP_S=130 PROBE_STEPS=60 scripts/toy/gpu_vilex_sweep.sh \
+#   2>&1 | tee $OUT/sweep.log   (carry .devcarry). How the shipped toy ViLex was made with it: docs/EXPERIMENTS.md.
 set -u
 START=$(date +%s)
 BUDGET_S=${BUDGET_S:-560}
@@ -39,7 +39,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 elapsed() { echo $(( $(date +%s) - START )); }
 
 # name | --set overrides on configs/vilex/toy.yaml (batch 128, learning rates 4e-4 / 2e-3, high-noise share 0.5).
-# The six runs of session 6; toy.yaml is the one that won (hn50_b128). B32 = the batch and rates of the runs before.
+# The six variants compared for configs/vilex/toy.yaml (hn50_b128 = the file unchanged; results in docs/EXPERIMENTS.md).
+# B32 = batch 32 with half the file's learning rates.
 B32="train.micro_batch_size=32 train.optim.lr_vit=2.0e-4 train.optim.lr_pooler=1.0e-3"
 VARIANTS=(
   "hn25|$B32 model.decoder.high_noise_fraction=0.25"
@@ -59,7 +60,7 @@ fi
 if [ -f .devcarry/vilex_data.tgz ] && [ ! -d runs/toy/vilex_data/train ]; then
   mkdir -p runs/toy/vilex_data && tar xzf .devcarry/vilex_data.tgz -C runs/toy/vilex_data
 fi
-ASSETS=assets/toy               # decoder/ (v6) and probe/
+ASSETS=assets/toy               # decoder/ and probe/
 $PY -c "import torch, diffusers, transformers, vilex.cli.main; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '', '| diffusers', diffusers.__version__, '| transformers', transformers.__version__)" || { echo "environment check failed"; exit 3; }
 echo "[$(elapsed)s] setup done; $NV variants, OMP_NUM_THREADS=$OMP_NUM_THREADS"
 
@@ -96,7 +97,7 @@ try:  # the last logged window's throughput (the first steps carry CUDA start-up
 except (OSError, KeyError, ZeroDivisionError, ValueError, TypeError):
     print(0); sys.exit()
 print(f"{name}: {per_step * 1000:.1f} ms/step in the probe", file=sys.stderr)
-print(max(0, int(0.75 * budget / per_step) // 10 * 10))  # session 6: the runs went ~20% slower than the probe
+print(max(0, int(0.75 * budget / per_step) // 10 * 10))  # the full runs go ~20% slower than their probe
 EOF
 )
   if [ "$s" -le 0 ]; then echo "$name: probe failed:"; tail -20 /tmp/probe_$name.log; continue; fi

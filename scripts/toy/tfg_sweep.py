@@ -2,9 +2,9 @@
 
 Claim D asks two things of "the tokens of a scene + 'on a <new> background'" sampled with Text-Free Guidance: the
 background changes as asked, and the objects stay closer to the source than a generation from the edited caption
-alone. `vilex toy claims` measures one setting (TFG 3, 16 tokens, CFG 3); this script measures the curve, with the
-same metrics (toy.claims.tfg_metrics) and the same seeds, so a setting is chosen by its trade-off and not by
-one number.
+alone. `vilex toy claims` measures one setting (toy.claims.TFG_SCALE, 16 tokens, CFG 3); this script measures the
+curve, with the same metrics (toy.claims.tfg_metrics) and the same seeds, so a setting is chosen by its trade-off
+and not by one number.
 
     python scripts/toy/tfg_sweep.py --checkpoint assets/toy/vilex --n 32 --scales 1 1.5 2 3 --tokens 4 16
 """

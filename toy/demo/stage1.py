@@ -1,4 +1,4 @@
-"""toy/demo_stage1.py — the stage-1 sections of `vilex demo`: a short ViLex run and the shipped full run.
+"""toy/demo/stage1.py — the stage-1 sections of `vilex demo`: a short ViLex run and the shipped full run.
 
 * "stage 1 short run": trains ViLex for a few minutes (``--short-steps``) with the SAME trainer and config as
   the shipped run (configs/vilex/toy.yaml), initialised from the toy SigLIP, against the frozen toy decoder,

@@ -1,4 +1,4 @@
-"""toy/demo_stage2.py — the stage-2 sections of `vilex demo`: a short toy VLM run and the toy benchmark suite.
+"""toy/demo/stage2.py — the stage-2 sections of `vilex demo`: a short toy VLM run and the toy benchmark suite.
 
 * "stage 2 short run": trains the toy SigLIP-tower VLM briefly (``--vlm-steps``: align, then instruct) with the SAME
   trainer and config as the shipped toy VLMs (configs/vlm/toy_siglip.yaml) on the demo's own toy data, so a user

@@ -3,10 +3,10 @@
 Uniform over [0, T), except that a share ``high_noise_fraction`` of each batch (its first samples) is drawn from
 [high_noise_min_t, T). Why: below the noisiest steps the noisy image itself shows the layout, so only those steps
 make the UNet (and, through it, ViLex's tokens) carry where things are; uniform sampling gives them a few percent of
-the samples. Measured on the toy world (scripts/toy/README.md, session 5): a decoder trained on uniform timesteps
-never placed objects by their caption in 4100 steps; 300 steps drawn only from [950, 1000) made the same UNet place
-them. SD3 shifts its timesteps toward high noise for the same reason. With the share at 0 the draw is one
-``randint`` call, exactly as before the option existed (old runs reproduce).
+the samples; in the toy world a decoder trained on uniform timesteps never placed objects by their caption, and a
+few hundred steps at the noisiest ones made it (docs/EXPERIMENTS.md). SD3 shifts its timesteps toward high noise
+for the same reason. With the share at 0 the draw is exactly one ``randint`` call over [0, T), so a run without
+the option draws the same timesteps as plain uniform sampling.
 """
 from __future__ import annotations
 
