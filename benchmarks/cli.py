@@ -1,6 +1,7 @@
 """benchmarks/cli.py — the ``vilex eval`` command.
 
     vilex eval --config configs/benchmarks/toy.yaml [--set k=v]   run (or resume) a models × tasks sweep
+    vilex eval --config SWEEP.yaml --dry-run                       resolve everything, print the plan, run nothing
     vilex eval --config SWEEP.yaml --cache DIR                     ... on prepared task copies, offline
     vilex eval prepare --suite SWEEP.yaml --cache DIR [--force]    save every task's data (needs network)
     vilex eval report RUN_DIR [--baseline LABEL]                  results.csv, results.md, results.png
@@ -18,11 +19,31 @@ from pathlib import Path
 from vilex.cli.main import add_config_args, command
 from vilex.errors import UserError
 
+# shown by `vilex eval --help`; tests/test_bench_docs.py runs each of them
+EXAMPLES = """\
+examples:
+  vilex eval --config configs/benchmarks/paper15.yaml --dry-run
+  vilex eval --config configs/benchmarks/paper15.yaml
+  vilex eval --config configs/benchmarks/paper15.yaml --set 'devices=[0,1,2,3]'
+  vilex eval report runs/bench/paper15 --baseline siglip
+  vilex eval prepare --suite configs/benchmarks/paper15.yaml --cache /data/bench-cache
+  vilex eval --config configs/benchmarks/paper15.yaml --cache /data/bench-cache
+  vilex eval toy-tasks --split runs/toy/data/test --out runs/toy/tasks
+
+Several `vilex eval` processes may share one output_dir (other nodes, other devices): each pair runs once.
+See benchmarks/README.md.
+"""
+
 
 def _configure(p: argparse.ArgumentParser) -> None:
+    p.epilog = EXAMPLES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_config_args(p)
     p.add_argument("--cache", type=Path, default=None, metavar="DIR",
                    help="run the task copies `vilex eval prepare` wrote to DIR, offline (sets prepared_cache)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve tasks, checkpoints, devices and output_dir, print the plan (pairs, the device of "
+                        "each, what is done or held by another sweep) and run nothing")
     actions = p.add_subparsers(dest="eval_action", metavar="ACTION")
     prep = actions.add_parser("prepare", help="materialise each task's data (save_to_disk) + load_from_disk task "
                                              "YAMLs under DIR/tasks, for offline sweeps")
@@ -65,12 +86,19 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if not args.config:
         raise UserError("vilex eval: give --config SWEEP.yaml, or an action (report, toy-tasks, prepare)")
-    from benchmarks.sweep import SweepConfig, run_sweep
+    from benchmarks.sweep import SweepConfig, format_plan, plan_sweep, run_sweep
     from vilex.config import load_config
 
     cfg = load_config(SweepConfig, args.config, args.overrides)
     if args.cache is not None:
         cfg.prepared_cache = args.cache
+    if args.dry_run:
+        plan = plan_sweep(cfg)
+        print(format_plan(plan))
+        print(json.dumps({"pairs": len(plan.pairs), "done": plan.count("done"),
+                          "to_run": plan.count("run", "retry", "stale"), "held": plan.count("held"),
+                          "workers": len(plan.slots), "processes": len(plan.units)}))
+        return 0
     summary = run_sweep(cfg)
-    print(json.dumps({s: summary.count(s) for s in ("done", "skipped", "failed")}))
+    print(json.dumps(summary.counts()))
     return 1 if summary.count("failed") else 0

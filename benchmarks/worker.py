@@ -2,12 +2,15 @@
 
     python -m benchmarks.worker --spec SPEC.json
 
-SPEC holds model, model_args, task, include_path, include_defaults, gen_kwargs, batch_size, limit, use_cache, out.
+SPEC holds model, model_args, task, include_path, include_defaults, gen_kwargs, batch_size, limit, use_cache, out,
+device (the sweep sets the worker's CUDA_VISIBLE_DEVICES from its ``devices`` entry; the spec records it).
 The worker calls ``lmms_eval.evaluator.simple_evaluate`` in-process (the same code path as the ``lmms-eval`` CLI) with
 ``log_samples=True`` and writes, atomically, ``out/result.json`` (metrics, task config, versions, n-samples) and
 ``out/samples.jsonl`` (one line per doc: doc_id, target, resps, filtered_resps and the per-doc metrics). A failure
 writes ``out/error.json`` instead and exits 1; the sweep records it and goes on. A spec with ``pairs`` (the sweep's
 ``process_per: model``) evaluates those tasks in turn in this one process, writing each result when it is done.
+A worker whose sweep process dies exits too: the sweep's claims on its pairs go stale and a later sweep reruns them,
+so an orphan must not go on writing the same result folders.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -62,6 +66,19 @@ def write_result(out_dir: Path, spec: dict[str, Any], result: dict[str, Any], se
                                                     indent=1, sort_keys=True))
 
 
+def _exit_with_parent(poll_s: float = 2.0) -> None:
+    """Exit when the process that started this worker is gone (this process is re-parented)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.worker")
     p.add_argument("--spec", required=True, type=Path)
@@ -75,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         one = {**common, **pair}
         out_dir = Path(one["out"])
         print(f"worker: task {n}/{len(pairs)} {one['task']}", flush=True)
-        start = time.perf_counter()
+        start, started_at = time.perf_counter(), time.time()
         try:
             result = evaluate_one(one, managers)
         except Exception as e:  # any failure of this one task is recorded, the sweep goes on
@@ -85,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {one['task']}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             failed += 1
             continue
-        write_result(out_dir, one, result, time.perf_counter() - start)
+        write_result(out_dir, one, {**result, "started_at": started_at}, time.perf_counter() - start)
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _exit_with_parent()
     sys.exit(main())

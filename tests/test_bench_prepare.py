@@ -122,8 +122,9 @@ def test_include_chain_flattened_and_process_docs_applied_once(tmp_path, monkeyp
     keys = yaml.load(text, Loader=yaml.BaseLoader)
     assert "include" not in keys and "process_docs" not in keys  # merged; not applied a second time
     assert "doc_to_text: !function" in text and "test_split: test" in text
-    assert sorted(p.name for p in folder.iterdir()) == ["_template_yaml", "custom_even.yaml", "prepared.json",
-                                                         "utils.py"]
+    # manifest.json: the integrity record vilex.checkpoint.atomic_dir leaves in every folder it publishes
+    assert sorted(p.name for p in folder.iterdir() if p.name != "manifest.json") == [
+        "_template_yaml", "custom_even.yaml", "prepared.json", "utils.py"]
     manifest = json.loads((folder / "prepared.json").read_text())
     assert manifest["process_docs_applied"] and manifest["source"]["dataset_path"] == "json"
     assert index["tasks"]["custom_even"]["splits"]["test"]["rows"] == 3
@@ -207,7 +208,8 @@ def test_prepare_and_offline_sweep_through_the_cli(toy, tmp_path, monkeypatch, c
         assert main(["eval", "--config", str(suite), "--cache", str(tmp_path / "cache")]) == 0
     finally:
         _restore(moved)
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"done": 2, "skipped": 0, "failed": 0}
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"done": 2, "skipped": 0, "failed": 0,
+                                                                             "elsewhere": 0}
     for pair in json.loads((tmp_path / "run" / "sweep.json").read_text())["pairs"]:
         rdir = Path(pair["result_dir"])
         result = json.loads((rdir / "result.json").read_text())

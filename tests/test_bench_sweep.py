@@ -180,12 +180,14 @@ def test_real_two_by_two_sweep_through_the_cli_resumes(tmp_path, monkeypatch, ca
     cfg.write_text(f"models: {{a: {ckpts[0]}, b: {ckpts[1]}}}\ntasks: [vilex_toy_colour, vilex_toy_caption]\n"
                    f"include_path: {tmp_path / 'tasks'}\noutput_dir: {tmp_path / 'run'}\nbaseline: a\n")
     assert main(["eval", "--config", str(cfg)]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"done": 4, "skipped": 0, "failed": 0}
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"done": 4, "skipped": 0, "failed": 0,
+                                                                             "elsewhere": 0}
     pairs = json.loads((tmp_path / "run" / "sweep.json").read_text())["pairs"]
     result = json.loads((Path(pairs[1]["result_dir"]) / "result.json").read_text())
     assert set(result["metrics"]) >= {"cider,none", "exact_match,none"} and result["n_samples"]["effective"] == 2
     shutil.rmtree(pairs[3]["result_dir"])
     assert main(["eval", "--config", str(cfg)]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"done": 1, "skipped": 3, "failed": 0}
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"done": 1, "skipped": 3, "failed": 0,
+                                                                             "elsewhere": 0}
     assert main(["eval", "report", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "results.png").read_bytes()[:4] == b"\x89PNG"
