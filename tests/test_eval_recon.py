@@ -1,4 +1,5 @@
-"""Reconstruction metrics and `vilex eval-recon` (tables, JSON, FID only from local Inception weights)."""
+"""Reconstruction metrics and `vilex eval-recon` (tables, JSON, FID only from local Inception weights, uncaptioned
+folders, checkpoints by run / checkpoint-<step> folder)."""
 import json
 import math
 
@@ -55,7 +56,8 @@ def test_eval_recon_cli_writes_tables(tiny_ckpt, tmp_path, capsys):
     table = json.loads((tmp_path / "recon_table.json").read_text())
     assert [r["arm"] for r in table["rows"]] == ["caption", "vilex_1", "vilex_4"]
     assert all(r["n"] == 4 and 0 < r["psnr"] < 60 and -1 <= r["ssim"] <= 1 for r in table["rows"])
-    assert "FID/IS not computed: no local Inception-v3 weights" in table["fid_note"]
+    assert table["notes"] == ["FID/IS not computed: no local Inception-v3 weights given (--inception-weights PATH); "
+                              "nothing is downloaded."]
     md = (tmp_path / "recon_table.md").read_text()
     assert "| ViLex, 4 token(s) |" in md and "| caption (text → image) |" in md
     assert (tmp_path / "recon_examples.png").stat().st_size > 0
@@ -70,8 +72,41 @@ def test_eval_recon_bad_inputs(tiny_ckpt, tmp_path, capsys):
                "--num-images", "4", "--steps", "1", "--out", str(tmp_path), "--inception-weights", "/nope.pt"])
     assert rc == 2 and "Inception weights not found: /nope.pt" in capsys.readouterr().err
     rc = main(["eval-recon", "--checkpoint", str(tiny_ckpt / "ckpt"), "--data", str(tiny_ckpt / "data" / "val"),
-               "--caption-field", "title", "--num-images", "4", "--steps", "1", "--out", str(tmp_path)])
-    assert rc == 2 and "has no 'title' field" in capsys.readouterr().err
+               "--baseline", "caption", "clip", "--num-images", "4", "--out", str(tmp_path)])
+    assert rc == 2 and capsys.readouterr().err.strip() == "error: unknown baseline 'clip' (known: caption)"
+    rc = main(["eval-recon", "--checkpoint", str(tiny_ckpt / "data"), "--data", str(tiny_ckpt / "data" / "val"),
+               "--num-images", "4", "--out", str(tmp_path)])
+    assert rc == 2 and capsys.readouterr().err.strip().startswith(
+        f"error: {tiny_ckpt / 'data'} is not a ViLex checkpoint: expected a folder with vilex_config.json")
+
+
+def test_eval_recon_on_an_uncaptioned_folder_of_jpegs_from_a_run_checkpoint(tiny_ckpt, tmp_path, capsys):
+    """A folder of JPEGs and nothing else, and a `vilex pretrain` checkpoint-<step> folder: the caption baseline is
+    skipped with a note, the ViLex rows are exactly those of the captioned run on the same pixels."""
+    import shutil
+
+    from PIL import Image
+
+    jpegs = tmp_path / "jpegs"
+    jpegs.mkdir()
+    for i, png in enumerate(sorted((tiny_ckpt / "data" / "val" / "images").glob("*.png"))[:4]):
+        Image.open(png).convert("RGB").save(jpegs / f"img{i}.jpg", quality=95)
+    step = tmp_path / "run" / "checkpoints" / "checkpoint-120"
+    shutil.copytree(tiny_ckpt / "ckpt", step / "pipeline")
+    common = ["--num-tokens", "1", "--num-images", "4", "--steps", "1", "--device", "cpu"]
+    assert main(["eval-recon", "--checkpoint", str(step), "--data", str(jpegs), "--out", str(tmp_path / "a"),
+                 *common]) == 0
+    table = json.loads((tmp_path / "a" / "recon_table.json").read_text())
+    assert [r["arm"] for r in table["rows"]] == ["vilex_1"] and table["rows"][0]["n"] == 4
+    note = "Caption baseline skipped: 4 of 4 images have no 'caption' field (captions come from the data's metadata; " \
+           "--caption-field names another field)."
+    assert table["notes"][0] == note
+    assert note in (tmp_path / "a" / "recon_table.md").read_text() and note in capsys.readouterr().out
+    # the run folder means the same (its latest) checkpoint; --baseline alone asks for no baseline and adds no note
+    assert main(["eval-recon", "--checkpoint", str(tmp_path / "run"), "--data", str(jpegs), "--out",
+                 str(tmp_path / "b"), "--baseline", *common]) == 0
+    again = json.loads((tmp_path / "b" / "recon_table.json").read_text())
+    assert again["rows"] == table["rows"] and not any("Caption" in n for n in again["notes"])
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Tests of ViLexPipeline and the stage-1 CLI: checkpoint round trip, Text-Free Guidance, token-count errors,
-reproducible sampling, same layout in training and inference, and the encode/reconstruct/compose commands."""
+reproducible sampling, same layout in training and inference, the encode/reconstruct/compose commands, and stage-1
+checkpoints named by any natural path (run folder, checkpoint-<step>, pipeline/) with --device on every command."""
 import json
 
 import numpy as np
@@ -49,7 +50,7 @@ def _pil(paths):
 def test_checkpoint_layout_and_round_trip(checkpoint, pipe, images, tmp_path):
     from transformers import SiglipVisionModel
 
-    assert sorted(p.name for p in checkpoint.iterdir()) == ["pooler", "vilex_config.json", "vit"]
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["manifest.json", "pooler", "vilex_config.json", "vit"]
     config = json.loads((checkpoint / "vilex_config.json").read_text())
     assert config["decoder"]["type"] == "stable_diffusion" and config["pooler"]["num_tokens"] == 8
     tokens = pipe.encode(_pil(images), num_tokens=5)
@@ -185,7 +186,7 @@ def test_cli_compose(checkpoint, images, tmp_path):
 def test_cli_bad_paths_exit_2(checkpoint, images, tmp_path, capsys):
     rc = main(["encode", "--checkpoint", str(tmp_path / "nope"), "--images", str(images[0]), "--out",
                str(tmp_path / "t.safetensors")])
-    assert rc == 2 and capsys.readouterr().err.strip() == f"error: checkpoint folder not found: {tmp_path / 'nope'}"
+    assert rc == 2 and capsys.readouterr().err.strip() == f"error: ViLex checkpoint not found: {tmp_path / 'nope'}"
     rc = main(["reconstruct", "--checkpoint", str(checkpoint), "--images", str(tmp_path / "missing.png"),
                "--out", str(tmp_path / "g.png")])
     assert rc == 2 and capsys.readouterr().err.strip() == f"error: image not found: {tmp_path / 'missing.png'}"
@@ -196,3 +197,103 @@ def test_cli_bad_paths_exit_2(checkpoint, images, tmp_path, capsys):
     rc = main(["encode", "--checkpoint", str(checkpoint), "--images", str(images[0]), "--num-tokens", "9",
                "--out", str(tmp_path / "t.safetensors"), "--device", "cpu"])
     assert rc == 2 and "this encoder makes 8 ViLex tokens, so 1..8 fit" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- checkpoints by any natural path
+@pytest.fixture(scope="module")
+def run_folder(checkpoint, tmp_path_factory):
+    """A `vilex pretrain` run's layout: checkpoints/checkpoint-2/pipeline = ``checkpoint``, checkpoint-4/pipeline =
+    other pooler weights (so which one is "the latest" shows in the tokens), beside the training state."""
+    run = tmp_path_factory.mktemp("run")
+    model = ViLexModel.from_pretrained(checkpoint)
+    for step in (2, 4):
+        folder = run / "checkpoints" / f"checkpoint-{step}"
+        if step == 4:
+            with torch.no_grad():
+                for p in model.encoder.pooler.parameters():
+                    p.add_(0.05)
+        model.save_pretrained(folder / "pipeline")
+        (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (run / "summary.json").write_text("{}")
+    return run
+
+
+def test_resolve_vilex_checkpoint_takes_run_checkpoint_and_pipeline_folders(checkpoint, run_folder):
+    from vilex.pipeline import resolve_vilex_checkpoint
+
+    latest = run_folder / "checkpoints" / "checkpoint-4" / "pipeline"
+    assert resolve_vilex_checkpoint(run_folder) == latest
+    assert resolve_vilex_checkpoint(run_folder / "checkpoints") == latest
+    assert resolve_vilex_checkpoint(str(run_folder / "checkpoints" / "checkpoint-2")) == (
+        run_folder / "checkpoints" / "checkpoint-2" / "pipeline")
+    assert resolve_vilex_checkpoint(latest) == latest
+    assert resolve_vilex_checkpoint(checkpoint) == checkpoint  # a shipped/saved pipeline folder
+
+
+def test_resolve_vilex_checkpoint_wrong_paths_say_what_was_expected(tmp_path):
+    from vilex.pipeline import resolve_vilex_checkpoint
+
+    with pytest.raises(UserError, match=f"^ViLex checkpoint not found: {tmp_path / 'nope'}$"):
+        resolve_vilex_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError) as e:
+        resolve_vilex_checkpoint(tmp_path / "empty")
+    assert str(e.value) == (f"{tmp_path / 'empty'} is not a ViLex checkpoint: expected a folder with "
+                            "vilex_config.json (vit/, pooler/), a `vilex pretrain` checkpoint-<step> folder (with "
+                            "pipeline/), or a run folder (with checkpoints/checkpoint-<step>/)")
+    (tmp_path / "vlm" / "checkpoints" / "checkpoint-3" / "projector").mkdir(parents=True)  # e.g. a VLM stage folder
+    with pytest.raises(UserError, match=r"vlm: its latest checkpoint checkpoint-3 has no pipeline/vilex_config.json "
+                                        r"\(a ViLex checkpoint is made by `vilex pretrain`\)$"):
+        resolve_vilex_checkpoint(tmp_path / "vlm")
+
+
+def test_cli_encode_takes_any_checkpoint_path(checkpoint, run_folder, images, tmp_path):
+    from safetensors.torch import load_file
+
+    def tokens(ckpt):
+        out = tmp_path / f"{len(list(tmp_path.iterdir()))}.safetensors"
+        assert main(["encode", "--checkpoint", str(ckpt), "--images", *map(str, images), "--out", str(out),
+                     "--device", "cpu"]) == 0
+        return load_file(str(out))["tokens"]
+
+    original, latest = tokens(checkpoint), tokens(run_folder / "checkpoints" / "checkpoint-4" / "pipeline")
+    assert not torch.equal(original, latest)
+    assert torch.equal(tokens(run_folder), latest)  # the run folder = its latest checkpoint
+    assert torch.equal(tokens(run_folder / "checkpoints" / "checkpoint-2"), original)
+
+
+def test_every_stage1_command_has_the_same_device_option(checkpoint, images, tmp_path, capsys):
+    from vilex.cli.main import build_parser
+
+    parser = build_parser()
+    commands = {"encode": ["--images", "a.png", "--out", "t.safetensors"],
+                "reconstruct": ["--images", "a.png", "--out", "g.png"],
+                "compose": ["--image", "a.png", "--prompt", "x", "--out", "o.png"],
+                "eval-recon": ["--data", "d", "--out", "o"],
+                "toy claims": ["--test-split", "s", "--out", "o"]}
+    for name, rest in commands.items():
+        args = parser.parse_args([*name.split(), "--checkpoint", "c", *rest])
+        assert args.device == "auto", name
+    # one resolver for all: no CUDA here, so asking for it is the same one-line error everywhere
+    for name, rest in [("encode", ["--images", str(images[0]), "--out", str(tmp_path / "t.safetensors")]),
+                       ("eval-recon", ["--data", str(tmp_path), "--out", str(tmp_path / "o")])]:
+        if torch.cuda.is_available():
+            break
+        assert main([name, "--checkpoint", str(checkpoint), *rest, "--device", "cuda"]) == 2
+        assert capsys.readouterr().err.strip() == "error: --device=cuda: no CUDA device is available here"
+
+
+def test_vlm_vilex_tower_takes_the_same_paths(run_folder):
+    from vlm.config import TowerConfig
+    from vlm.towers import build_tower
+
+    def vit_weights(path):
+        return build_tower(TowerConfig(type="vilex_tokens", name_or_path=str(path))).state_dict()
+
+    latest = vit_weights(run_folder / "checkpoints" / "checkpoint-4" / "pipeline")
+    for path in (run_folder, run_folder / "checkpoints" / "checkpoint-4"):
+        assert all(torch.equal(v, latest[k]) for k, v in vit_weights(path).items())
+    older = vit_weights(run_folder / "checkpoints" / "checkpoint-2")
+    assert any(not torch.equal(v, latest[k]) for k, v in older.items())  # the pooler differs
+    with pytest.raises(UserError, match="summary.json is not a ViLex checkpoint: expected a folder with "):
+        build_tower(TowerConfig(type="vilex", name_or_path=str(run_folder / "summary.json")))

@@ -160,8 +160,9 @@ def test_pretrain_decoder_writes_a_pixel_unet_folder_that_vilex_loads(tmp_path, 
     out = tmp_path / "decoder"
     assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, out, "--set", "train.steps=3",
                         "--set", "train.device=auto") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["model_index.json", "recipe.json", "samples.png", "scheduler",
-                                                      "text_encoder", "tokenizer", "train_log.jsonl", "unet"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model_index.json", "recipe.json", "samples.png",
+                                                      "scheduler", "text_encoder", "tokenizer", "train_log.jsonl",
+                                                      "unet"]
     unet = UNet2DConditionModel.from_pretrained(str(out / "unet"))
     assert (unet.config.in_channels, unet.config.out_channels, unet.config.sample_size) == (3, 3, 16)
     text_encoder = CLIPTextModel.from_pretrained(str(out / "text_encoder"))

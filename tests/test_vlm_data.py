@@ -129,11 +129,11 @@ def test_bad_images_error_or_counted_skip(tok, tmp_path):
     records = read_llava_json(path)
     (tmp_path / records[1]["image"]).unlink()
     (tmp_path / records[2]["image"]).write_bytes(b"not a png at all")
-    strict = _dataset(records, tok, root=tmp_path)
+    strict = _dataset(records, tok, root=tmp_path, on_bad_image="error")
     assert strict[0].pixel_values.shape == (3, 8, 8)
     with pytest.raises(SampleError, match=r"sample 'instruct-0001': image images/0001.png: unreadable"):
         strict[1]
-    lenient = _dataset(records, tok, root=tmp_path, on_bad_image="skip")
+    lenient = _dataset(records, tok, root=tmp_path)  # skip is the default
     items = [lenient[i] for i in range(4)]
     assert [type(x).__name__ for x in items] == ["Example", "Skipped", "Skipped", "Example"]
     batch = Collator(tok[0].pad_token_id, packing=True, row_length=200)(items)

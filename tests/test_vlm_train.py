@@ -44,8 +44,8 @@ def test_align_then_instruct_checkpoints(two_stages):
     a_ckpt, i_ckpt = cfg.stage_dir("align") / "checkpoints", cfg.stage_dir("instruct") / "checkpoints"
     assert sorted(p.name for p in a_ckpt.iterdir()) == ["checkpoint-2", "checkpoint-4"]
     a4 = a_ckpt / "checkpoint-4"
-    assert sorted(p.name for p in a4.iterdir()) == ["optimizer.pt", "projector", "rank0.pt", "tokenizer",
-                                                    "trainer_state.json", "vlm_config.json"]
+    assert sorted(p.name for p in a4.iterdir()) == ["manifest.json", "optimizer.pt", "projector", "rank0.pt",
+                                                    "tokenizer", "trainer_state.json", "vlm_config.json"]
     assert json.loads((a4 / "vlm_config.json").read_text())["components"] == ["projector"]
     i4 = i_ckpt / "checkpoint-4"
     assert {"projector", "llm", "tokenizer", "optimizer.pt"} <= {p.name for p in i4.iterdir()}

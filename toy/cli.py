@@ -116,7 +116,7 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- the config-driven stage-0 trainers
 @dataclass(frozen=True)
 class Stage0Command:
-    """A ``vilex toy NAME --config … [--set …] --out DIR [--resume auto]`` command: config class and trainer by name."""
+    """``vilex toy NAME --config … [--set …] --out DIR [--resume auto]``: its config class and trainer, by name."""
 
     name: str
     help: str
@@ -197,14 +197,16 @@ def _gate_decoder(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- claims / ship-vilex
 def _claims_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="a ViLex pipeline folder (vit/, pooler/, vilex_config.json)")
+    from vilex.cli.stage1_cmd import add_checkpoint_arg, add_device_arg
+
+    add_checkpoint_arg(p)
     p.add_argument("--test-split", required=True, help="a toy split folder (vilex toy generate), e.g. .../test")
     p.add_argument("--out", required=True, help="folder for <name>_claims.json and the PNGs")
     p.add_argument("--name", default="checkpoint", help="file name prefix")
     p.add_argument("--n", type=int, default=128, help="held-out scenes (default 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--assets", default="assets/toy", help="folder with decoder/ and probe/")
-    p.add_argument("--device", default="auto", help="where to sample: auto (cuda when there is one) | cpu | cuda[:N]")
+    add_device_arg(p)
     p.add_argument("--tfg-scale", type=float, default=None,
                    help="w of the Text-Free Guidance edit (claim D); default toy.claims.TFG_SCALE")
 

@@ -50,6 +50,9 @@ class Stage0TrainSpec:
     keep_last: int = cfg_field(2, ge=1)
     max_minutes: float | None = cfg_field(None, gt=0, help="checkpoint and stop training after this long (the asset "
                                                            "is still evaluated and written; --resume auto continues)")
+    stop_signals: list[str] = cfg_field(default_factory=lambda: ["SIGTERM", "SIGUSR1"],
+                                        help="checkpoint and stop training cleanly on these signals (the asset is "
+                                             "still evaluated and written; --resume auto continues)")
 
 
 def decay_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
@@ -76,7 +79,7 @@ class Stage0Trainer(TrainTask):
         self.loop = RunLoop(self, self.strategy, LoopSettings(
             output_dir=Path(work_dir), total_steps=spec.steps, log_every=spec.log_every,
             checkpoint_every=spec.checkpoint_every, keep_last=spec.keep_last, max_minutes=spec.max_minutes,
-            name=self.name))
+            name=self.name, stop_signals=tuple(spec.stop_signals)))
         torch.manual_seed(self.seed)
 
     @property

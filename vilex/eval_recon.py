@@ -1,11 +1,11 @@
 """eval_recon.py — `vilex eval-recon`: how well do ViLex tokens reconstruct images, vs prompting with captions?
 
-For held-out images with captions, the frozen decoder is run (a) prompted with each image's caption (the
-paper's "Imagen text -> image" baseline) and (b) from the image's first k ViLex tokens, for each k. Every
-arm uses the same initial noise (seed) and sampler. Per-image PSNR and SSIM against the original (at the
-decoder's resolution) give means with 95% confidence intervals; FID and IS are added when a LOCAL
-Inception-v3 state_dict is passed (never downloaded — without it the table says so). Writes
-``recon_table.md``, ``recon_table.json`` and ``recon_examples.png`` into ``--out``.
+For held-out images, the frozen decoder is run (a) from the image's first k ViLex tokens, for each k, and (b)
+prompted with each image's caption (the paper's "Imagen text -> image" baseline) when every image has one: on an
+uncaptioned folder the caption baseline is skipped and the table says so. Every arm uses the same initial noise
+(seed) and sampler. Per-image PSNR and SSIM against the original (at the decoder's resolution) give means with 95%
+confidence intervals; FID and IS are added when a LOCAL Inception-v3 state_dict is passed (never downloaded — without
+it the table says so). Writes ``recon_table.md``, ``recon_table.json`` and ``recon_examples.png`` into ``--out``.
 """
 from __future__ import annotations
 
@@ -21,21 +21,35 @@ from vilex.metrics import InceptionFeatures, frechet_distance, inception_score, 
 
 log = logging.getLogger(__name__)
 
+BASELINES = ("caption",)
+
 
 def load_eval_images(data: str | Path, size: int, caption_field: str, limit: int, source_type: str = "folder"
-                     ) -> tuple[torch.Tensor, list[str], list[str]]:
-    """The first ``limit`` decodable images (N,3,S,S) in [0,1], their captions and keys."""
+                     ) -> tuple[torch.Tensor, list[str | None], list[str]]:
+    """The first ``limit`` decodable images (N,3,S,S) in [0,1], their captions (None where a sample has none) and
+    keys."""
     from vilex.config import from_dict
     from vilex.data import first_images
     from vilex.data.config import DataConfig
 
     batch = first_images(from_dict(DataConfig, {"type": source_type, "path": str(data)}), size, limit)
-    captions = []
-    for key, meta in zip(batch.keys, batch.meta):
-        if caption_field not in meta:
-            raise UserError(f"{data}: sample {key} has no '{caption_field}' field (pass --caption-field)")
-        captions.append(str(meta[caption_field]))
+    captions = [None if meta.get(caption_field) is None else str(meta[caption_field]) for meta in batch.meta]
     return batch.images["image"], captions, batch.keys
+
+
+def runnable_baselines(baselines: Sequence[str], captions: Sequence[str | None], caption_field: str
+                       ) -> tuple[list[str], str | None]:
+    """The baselines that can run, and a note when the caption baseline cannot: it needs a caption for EVERY image,
+    because all arms are compared on the same images. An unknown baseline name is a UserError."""
+    for name in baselines:
+        if name not in BASELINES:
+            raise UserError(f"unknown baseline '{name}' (known: {', '.join(BASELINES)})")
+    missing = sum(c is None for c in captions)
+    if "caption" not in baselines or not missing:
+        return list(baselines), None
+    note = (f"Caption baseline skipped: {missing} of {len(captions)} images have no '{caption_field}' field (captions "
+            "come from the data's metadata; --caption-field names another field).")
+    return [b for b in baselines if b != "caption"], note
 
 
 def _arm_metrics(pred: torch.Tensor, ref: torch.Tensor, inception: InceptionFeatures | None,
@@ -51,11 +65,12 @@ def _arm_metrics(pred: torch.Tensor, ref: torch.Tensor, inception: InceptionFeat
 
 
 @torch.no_grad()
-def evaluate_reconstruction(pipe, images: torch.Tensor, captions: Sequence[str], num_tokens: Sequence[int],
+def evaluate_reconstruction(pipe, images: torch.Tensor, captions: Sequence[str | None], num_tokens: Sequence[int],
                             baselines: Sequence[str] = ("caption",), guidance_scale: float = 3.0,
                             num_inference_steps: int = 50, seed: int = 0, batch_size: int = 16,
                             inception_weights: str | Path | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    """Rows of the table (one per arm) and the generated images per arm (for example grids)."""
+    """Rows of the table (one per arm) and the generated images per arm (for example grids). ``baselines`` must be
+    runnable (``runnable_baselines``)."""
     inception = InceptionFeatures(inception_weights) if inception_weights else None
     ref_feats = inception(images)[0] if inception is not None else None
     arms: dict[str, torch.Tensor] = {}
@@ -67,11 +82,13 @@ def evaluate_reconstruction(pipe, images: torch.Tensor, captions: Sequence[str],
         return torch.cat(outs)
 
     for name in baselines:
-        if name != "caption":
-            raise UserError(f"unknown baseline '{name}' (known: caption)")
-        arms["caption"] = run(lambda sl, s: pipe.generate(list(captions[sl]), guidance_scale=guidance_scale,
-                                                          num_inference_steps=num_inference_steps, seed=s,
-                                                          output_type="pt"))
+        if name not in BASELINES:
+            raise UserError(f"unknown baseline '{name}' (known: {', '.join(BASELINES)})")
+        if any(c is None for c in captions):
+            raise UserError("the caption baseline needs a caption for every image (see runnable_baselines)")
+        arms[name] = run(lambda sl, s: pipe.generate(list(captions[sl]), guidance_scale=guidance_scale,
+                                                     num_inference_steps=num_inference_steps, seed=s,
+                                                     output_type="pt"))
     for k in num_tokens:
         arms[f"vilex_{k}"] = run(lambda sl, s, k=k: pipe.reconstruct(images[sl], num_tokens=k,
                                                                        guidance_scale=guidance_scale,
@@ -85,7 +102,7 @@ def evaluate_reconstruction(pipe, images: torch.Tensor, captions: Sequence[str],
     return rows, arms
 
 
-def format_table(rows: list[dict], fid_note: str | None) -> str:
+def format_table(rows: list[dict], notes: Sequence[str] = ()) -> str:
     has_fid = any("fid" in r for r in rows)
     head = "| conditioning | PSNR (dB) ↑ | SSIM ↑ |" + (" FID ↓ | IS ↑ |" if has_fid else "")
     sep = "|---|---|---|" + ("---|---|" if has_fid else "")
@@ -98,20 +115,19 @@ def format_table(rows: list[dict], fid_note: str | None) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"n = {rows[0]['n']} images; ± is the 95% confidence interval of the mean.")
-    if fid_note:
-        lines.append(fid_note)
+    lines.extend(notes)
     return "\n".join(lines) + "\n"
 
 
 def write_report(out: Path, rows: list[dict], arms: dict[str, torch.Tensor], images: torch.Tensor,
-                 settings: dict, fid_note: str | None, examples: int = 8) -> None:
+                 settings: dict, notes: Sequence[str] = (), examples: int = 8) -> None:
     import torchvision
 
     from vilex.train.validation import make_grid
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recon_table.md").write_text(format_table(rows, fid_note))
-    (out / "recon_table.json").write_text(json.dumps({"settings": settings, "rows": rows, "fid_note": fid_note},
+    (out / "recon_table.md").write_text(format_table(rows, notes))
+    (out / "recon_table.json").write_text(json.dumps({"settings": settings, "rows": rows, "notes": list(notes)},
                                                      indent=2))
     n = min(examples, len(images))
     grid = make_grid([images[:n]] + [a[:n] for a in arms.values()])

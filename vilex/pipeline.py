@@ -17,6 +17,7 @@ Sampling uses DDIM built from the decoder's own scheduler config (replace ``pipe
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -26,14 +27,44 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vilex.checkpoint import atomic_dir
+from vilex.checkpoint import CheckpointManager, atomic_dir, verify_folder
 from vilex.errors import UserError
 from vilex.models.configs import ViLexConfig
 from vilex.models.decoders import FrozenDecoder, build_frozen_decoder
 from vilex.models.encoder import ViLexEncoder
-from vilex.models.vilex_model import read_vilex_config, write_checkpoint
+from vilex.models.vilex_model import CONFIG_FILE, read_vilex_config, write_checkpoint
+
+log = logging.getLogger(__name__)
 
 ImagesIn = Sequence[Image.Image] | torch.Tensor
+PIPELINE_SUBFOLDER = "pipeline"  # the ViLex checkpoint inside each `vilex pretrain` checkpoint-<step> folder
+RUN_CHECKPOINTS = "checkpoints"  # the checkpoint-<step> folders of a `vilex pretrain` run
+
+
+def resolve_vilex_checkpoint(path: str | Path) -> Path:
+    """The ViLex checkpoint folder (``vilex_config.json``, ``vit/``, ``pooler/``) that ``path`` names: that folder
+    itself, a `vilex pretrain` ``checkpoint-<step>`` folder (its ``pipeline/``), or a run folder (or its
+    ``checkpoints/``): the ``pipeline/`` of its latest checkpoint. Anything else is a one-line UserError saying what
+    was expected. Every command and tower that takes a stage-1 checkpoint goes through this function."""
+    given = Path(path).expanduser()
+    if (given / CONFIG_FILE).is_file():
+        return given
+    if (given / PIPELINE_SUBFOLDER / CONFIG_FILE).is_file():
+        return given / PIPELINE_SUBFOLDER
+    for root in (given / RUN_CHECKPOINTS, given):
+        latest = CheckpointManager(root, keep_last=None).latest_verified()
+        if latest is None:
+            continue
+        if not (latest / PIPELINE_SUBFOLDER / CONFIG_FILE).is_file():
+            raise UserError(f"{given}: its latest checkpoint {latest.name} has no {PIPELINE_SUBFOLDER}/{CONFIG_FILE} "
+                            "(a ViLex checkpoint is made by `vilex pretrain`)")
+        log.info("ViLex checkpoint %s: the latest, %s", given, latest / PIPELINE_SUBFOLDER)
+        return latest / PIPELINE_SUBFOLDER
+    if not given.exists():
+        raise UserError(f"ViLex checkpoint not found: {given}")
+    raise UserError(f"{given} is not a ViLex checkpoint: expected a folder with {CONFIG_FILE} (vit/, pooler/), a "
+                    f"`vilex pretrain` checkpoint-<step> folder (with {PIPELINE_SUBFOLDER}/), or a run folder (with "
+                    f"{RUN_CHECKPOINTS}/checkpoint-<step>/)")
 
 
 def _generator(generator: torch.Generator | None, seed: int | None) -> torch.Generator | None:
@@ -66,8 +97,11 @@ class ViLexPipeline:
     def from_pretrained(cls, path: str | Path, decoder: FrozenDecoder | None = None,
                         decoder_name_or_path: str | None = None, device: str | torch.device | None = None
                         ) -> ViLexPipeline:
-        """Load ``<path>/{vit,pooler,vilex_config.json}``; the decoder from the config's reference, from
+        """Load ``<path>/{vit,pooler,vilex_config.json}`` (``path`` may also be a `vilex pretrain` checkpoint-<step>
+        or run folder: ``resolve_vilex_checkpoint``); the decoder from the config's reference, from
         ``decoder_name_or_path`` (e.g. it moved), or an already loaded ``decoder``."""
+        path = resolve_vilex_checkpoint(path)
+        verify_folder(path, "ViLex checkpoint")  # a truncated or changed file is named before anything loads
         config = read_vilex_config(path)
         if decoder_name_or_path is not None:
             config.decoder.name_or_path = str(decoder_name_or_path)

@@ -90,7 +90,12 @@ class ConversationDataConfig:
         None, help="align = plain captioning, instruct = the LLM's chat template (None = by stage)")
     max_length: int = cfg_field(2048, ge=8, help="tokens per sample (and per packed row)")
     on_too_long: Literal["truncate", "error"] = "truncate"
-    on_bad_image: Literal["error", "skip"] = cfg_field("error", help="missing/undecodable image: error or counted skip")
+    on_bad_image: Literal["skip", "error"] = cfg_field(
+        "skip", help="missing/undecodable image: skip = drop the sample, counted by reason (the run stops above "
+                     "max_bad_fraction); error = stop at the first one")
+    max_bad_fraction: float = cfg_field(
+        0.001, ge=0, le=1, help="on_bad_image: skip: stop when more than this fraction of the samples seen had a bad "
+                                "image (0.001 = 0.1 %); judged once 10 / max_bad_fraction samples were seen")
     packing: bool = cfg_field(True, help="several samples per row, no attention across samples")
     pack_length: Optional[int] = cfg_field(
         None, ge=8, help="tokens per packed row (None = max_length); longer rows waste less padding and cost nothing "
@@ -126,6 +131,9 @@ class StageConfig:
     max_consecutive_nonfinite: int = cfg_field(5, ge=1)
     max_minutes: Optional[float] = cfg_field(None, gt=0, help="checkpoint and stop after this long (--resume auto "
                                                               "continues); null = no limit")
+    stop_signals: list[str] = cfg_field(default_factory=lambda: ["SIGTERM", "SIGUSR1"],
+                                        help="checkpoint and stop cleanly (exit 0) on these signals (what SLURM and "
+                                             "spot instances send before a kill); --resume auto continues")
 
     def validate(self) -> None:
         if self.data.pack_length is not None and self.data.pack_length < self.data.max_length:

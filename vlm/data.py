@@ -9,9 +9,10 @@ Format (LLaVA's; a JSON list, or JSON lines):
 ``image`` is relative to ``image_root``; a record without ``image`` is a text-only sample (mixed in freely). The
 image is decoded by ``vilex.data.decode.decode_image`` (EXIF, alpha on white, 16-bit, bombs...) and a missing or
 broken file gets the same reasons as everywhere else in the suite (``unreadable``, ``truncated``, ``corrupt``...):
-``on_bad_image: error`` stops with the sample id and the reason, ``skip`` drops the sample from its micro-batch and
-counts it by reason (reported in the log and in summary.json). Samples whose tokens do not line up with their labels
-always raise (templates.py); truncation to ``max_length`` is counted per sample and per token.
+``on_bad_image: skip`` (the default) drops the sample from its micro-batch and counts it by reason (the first few are
+named in the log; the counts go to the log and summary.json, and the trainer stops the run above
+``max_bad_fraction``), ``error`` stops with the sample id and the reason. Samples whose tokens do not line up with
+their labels always raise (templates.py); truncation to ``max_length`` is counted per sample and per token.
 
 Images become squares at the tower's size: ``resize`` (what the exported HF SigLIP processor does), ``crop`` or
 ``letterbox`` (padded with the tower's mean colour, LLaVA-1.5's "pad").
@@ -19,6 +20,7 @@ Images become squares at the tower's size: ``resize`` (what the exported HF SigL
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,12 @@ from vilex.data.decode import BadSample, decode_image
 from vilex.data.views import fit_image, to_tensor
 from vilex.errors import DataError
 from vlm.templates import SampleError, TokenizedSample, build_sample, parse_conversation
+
+log = logging.getLogger(__name__)
+
+# Skipped samples named one by one in the log, per dataset copy (each loader worker has its own): enough to find the
+# broken files, without a line per sample when a whole folder is missing; the trainer logs the totals.
+NAMED_SKIPS = 10
 
 
 def read_llava_json(path: str | Path) -> list[dict[str, Any]]:
@@ -97,7 +105,7 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __init__(self, records: list[dict[str, Any]], tokenizer: Any, template: Any, *, image_spec: ImageSpec,
                  image_token: str, image_token_id: int, num_image_tokens: int, max_length: int,
                  image_root: str | Path | None = None, on_too_long: str = "truncate",
-                 on_bad_image: str = "error") -> None:
+                 on_bad_image: str = "skip") -> None:
         self.records = records
         self.tokenizer = tokenizer
         self.template = template
@@ -109,6 +117,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.image_root = Path(image_root) if image_root is not None else None
         self.on_too_long = on_too_long
         self.on_bad_image = on_bad_image
+        self.named_skips = 0
         if any("image" in r for r in records) and self.image_root is None:
             raise DataError("samples reference images but no image_root is set")
 
@@ -148,6 +157,14 @@ class ConversationDataset(torch.utils.data.Dataset):
                 pixels = self.load_image(index)
             except BadSample as e:
                 if self.on_bad_image == "skip":
+                    self._name_skip(tokens.sample_id, index, e)
                     return Skipped(tokens.sample_id, e.reason)
                 raise SampleError(f"sample {tokens.sample_id!r}: image {self.records[index]['image']}: {e}") from None
         return Example(tokens, pixels)
+
+    def _name_skip(self, sid: str, index: int, error: BadSample) -> None:
+        """Log which sample was skipped and why, for the first ``NAMED_SKIPS`` skips of this copy."""
+        if self.named_skips < NAMED_SKIPS:
+            self.named_skips += 1
+            more = " (further skips are only counted)" if self.named_skips == NAMED_SKIPS else ""
+            log.warning("skipped sample %r: image %s: %s%s", sid, self.records[index]["image"], error, more)

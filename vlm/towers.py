@@ -97,6 +97,11 @@ class SiglipPatchTower(nn.Module):
         if gradient_checkpointing:
             enable_activation_checkpointing(vit)
 
+    @classmethod
+    def pinned_reference(cls, name_or_path: str) -> str:
+        """The reference a training run records for this tower: a hub id or folder as given."""
+        return name_or_path
+
     # ---- construction
     @classmethod
     def from_config(cls, cfg: TowerConfig, dtype: torch.dtype | None = None) -> SiglipPatchTower:
@@ -139,16 +144,13 @@ class SiglipPatchTower(nn.Module):
 VLM_TOWERS.register("siglip", SiglipPatchTower)
 
 
-STAGE1_PIPELINE_SUBFOLDER = "pipeline"  # where `vilex pretrain` checkpoints keep the ViLex checkpoint
-
-
 def _stage1_config(checkpoint: str | Path):
-    """(folder, ViLexConfig) of a ViLex checkpoint; a `vilex pretrain` checkpoint-<step> folder works too."""
-    from vilex.models.vilex_model import CONFIG_FILE, read_vilex_config
+    """(folder, ViLexConfig) of a ViLex checkpoint; a `vilex pretrain` checkpoint-<step> or run folder works too
+    (``vilex.pipeline.resolve_vilex_checkpoint``: a run folder means its latest checkpoint when the tower is built)."""
+    from vilex.models.vilex_model import read_vilex_config
+    from vilex.pipeline import resolve_vilex_checkpoint
 
-    path = Path(checkpoint).expanduser()
-    if not (path / CONFIG_FILE).is_file() and (path / STAGE1_PIPELINE_SUBFOLDER / CONFIG_FILE).is_file():
-        path = path / STAGE1_PIPELINE_SUBFOLDER
+    path = resolve_vilex_checkpoint(checkpoint)
     stage1 = read_vilex_config(path)
     if stage1.vit.type != "siglip":
         raise UserError(f"{path}: the ViLex ViT is a '{stage1.vit.type}' tower; VLM towers need a SigLIP ViT")
@@ -160,6 +162,12 @@ def _stage1_config(checkpoint: str | Path):
 @VLM_TOWERS.register("vilex")
 class ViLexPatchTower(SiglipPatchTower):
     """``vilex``: the stage-1 ViLex ViT (``<checkpoint>/vit``, a ``SiglipVisionModel``) as a plain patch tower."""
+
+    @classmethod
+    def pinned_reference(cls, name_or_path: str) -> str:
+        """The resolved checkpoint folder: a stage-1 run folder means its latest checkpoint NOW, and the VLM must
+        keep reading that one even if the stage-1 run trains on."""
+        return str(_stage1_config(name_or_path)[0])
 
     @classmethod
     def from_config(cls, cfg: TowerConfig, dtype: torch.dtype | None = None) -> ViLexPatchTower:
@@ -191,6 +199,8 @@ class ViLexTokensTower(SiglipPatchTower):
         # stage-1 convention: -1 is the last block AFTER post_layernorm; other values index hidden_states
         self._pooler_index = None if pooler_feature_layer == -1 else _hidden_index(pooler_feature_layer,
                                                                                   self.num_layers)
+
+    pinned_reference = ViLexPatchTower.pinned_reference
 
     @classmethod
     def from_config(cls, cfg: TowerConfig, dtype: torch.dtype | None = None) -> ViLexTokensTower:

@@ -69,6 +69,13 @@ class DataCounters:
         self.padded_tokens += batch.padded_tokens
         self.empty_batches += int(batch.num_samples == 0)
 
+    def seen_and_skipped(self) -> list[float]:
+        """[samples used, skipped for each of ``SKIP_REASONS`` in its fixed order]: a vector every rank can sum
+        (the same length and order everywhere, whatever reasons this rank met)."""
+        from vilex.data.decode import SKIP_REASONS
+
+        return [float(self.samples)] + [float(self.skipped.get(r, 0)) for r in SKIP_REASONS]
+
 
 def resolve_init_from(cfg: VLMConfig, stage: str, init_from: str | None) -> Path | None:
     """'previous' -> the previous stage's latest checkpoint (an error naming what to do when there is none)."""
@@ -115,12 +122,24 @@ class VLMTrainer(TrainTask):
             output_dir=self.out, total_steps=0, log_every=sc.log_every, checkpoint_every=sc.checkpoint_every,
             keep_last=sc.keep_last, max_consecutive_nonfinite=sc.max_consecutive_nonfinite,
             max_minutes=sc.max_minutes, name=f"train-vlm {stage}", tensorboard=cfg.log.tensorboard,
+            stop_signals=tuple(sc.stop_signals),
             wandb_project=cfg.log.wandb_project, wandb_config=to_dict(cfg)))
-        self.resume_from = self.loop.resolve(resume)
+        self.resume_arg = resume
+        self._pin_tower_reference()
         # the frozen inputs a stage reads by reference: other weights under the same path = another experiment
         self.input_weights = {"tower_weights": folder_fingerprint(cfg.model.tower.name_or_path),
                               "llm_weights": folder_fingerprint(cfg.model.llm.name_or_path)}
         self.counters = DataCounters()
+
+    def _pin_tower_reference(self) -> None:
+        """Record the tower checkpoint this stage reads (a stage-1 run folder becomes its latest checkpoint now)."""
+        from vlm.towers import VLM_TOWERS
+
+        tower = self.cfg.model.tower
+        pinned = VLM_TOWERS.get(tower.type).pinned_reference(tower.name_or_path)
+        if pinned != tower.name_or_path:
+            log.info("tower %s: using %s", tower.name_or_path, pinned)
+            tower.name_or_path = pinned
 
     @property
     def ckpts(self) -> CheckpointManager:
@@ -139,6 +158,7 @@ class VLMTrainer(TrainTask):
 
         sc = self.sc
         D.init_process_group_if_needed()
+        self.resume_from = self.loop.resolve(self.resume_arg)  # takes the run folder's lock first
         seed_everything(sc.seed)  # identical projector init on every rank
         weights_from = self.resume_from or resolve_init_from(self.cfg, self.stage, sc.init_from)
         with self.strategy.construction_context():  # ZeRO-3: the LLM and tower are partitioned as they load
@@ -200,6 +220,47 @@ class VLMTrainer(TrainTask):
     def on_micro_batch(self, batch: Any, finite: bool) -> None:
         self.counters.add(batch)
 
+    def on_optimizer_step(self, state: RunState) -> None:
+        self.check_bad_images(state)
+
+    _bad_images_logged = 0  # the skip total last written to the log
+
+    def check_bad_images(self, state: RunState) -> None:
+        """Log the bad-image skips, and stop the run (UserError) once more than ``data.max_bad_fraction`` of the
+        samples seen had a bad image.
+
+        It runs after every optimizer step on the counters SUMMED OVER RANKS (one all-reduce of a few floats, like the
+        loop's own per-step reductions), so every rank sees the same totals and stops at the same step. It judges only
+        once ``10 / max_bad_fraction`` samples were seen: by then ~10 bad samples are expected at the threshold rate,
+        so a few broken files early in the data (the noise of a small count) cannot stop a run whose overall rate is
+        fine, while a data set that is broken throughout stops within a small part of an epoch (10,000 samples at the
+        default 0.1 %)."""
+        from vilex.data.decode import SKIP_REASONS
+
+        data = self.sc.data
+        if data.on_bad_image != "skip":
+            return
+        totals = self._sum(self.counters.seen_and_skipped())
+        bad_by_reason = {r: int(n) for r, n in zip(SKIP_REASONS, totals[1:]) if n}
+        bad = sum(bad_by_reason.values())
+        seen = int(totals[0]) + bad
+        if not bad:
+            return
+        limit = data.max_bad_fraction
+        counts = (f"{bad} of {seen} samples seen ({100 * bad / seen:.3g} %) had a bad image and were skipped "
+                  f"({', '.join(f'{r} {n}' for r, n in bad_by_reason.items())})")
+        over = bad > limit * seen
+        if over and (limit == 0 or seen * limit >= 10):
+            raise UserError(f"{self.stage}: {counts}, more than {self.stage}.data.max_bad_fraction = {limit:g} "
+                            f"({100 * limit:g} %) at step {state.step}; fix or remove them (the log names the first "
+                            f"ones), or raise {self.stage}.data.max_bad_fraction")
+        last = state.step == self.total_steps
+        if self.strategy.is_main and bad > self._bad_images_logged and (state.step % self.sc.log_every == 0 or last):
+            self._bad_images_logged = bad
+            log.warning("%s step %d: %s%s", self.stage, state.step, counts,
+                        f"; above max_bad_fraction {limit:g}, but too few samples seen to judge"
+                        f" ({seen} < {10 / limit:.0f})" if over else "")
+
     # ---- checkpoints
     def identity(self) -> dict[str, Any]:
         return {"stage": self.stage, **self.input_weights}
@@ -222,7 +283,7 @@ class VLMTrainer(TrainTask):
 
     def load(self, folder: Path, rank: int) -> None:
         """Counters and RNG (the weights were built from the folder's components, the optimizer by the loop)."""
-        own = torch.load(folder / f"rank{rank}.pt", map_location="cpu", weights_only=False)
+        own = torch.load(folder / f"rank{rank}.pt", map_location="cpu", weights_only=True)
         self.counters = DataCounters(**own["counters"])
         set_rng_state(own["rng"])
 

@@ -57,7 +57,8 @@ from toy.scenes.world import (
 )
 
 __all__ = [
-    "ACHROMATIC_COLOURS", "ToyWorldError", "BACKGROUND_COLOURS", "COARSE_SIZE_WORDS", "DEFAULT_SPLITS", "FINE_SIZE_WORDS",
+    "ToyWorldError",
+    "ACHROMATIC_COLOURS", "BACKGROUND_COLOURS", "COARSE_SIZE_WORDS", "DEFAULT_SPLITS", "FINE_SIZE_WORDS",
     "GENERATOR_VERSION", "GRID3_COLS", "GRID3_ROWS", "OBJECT_COLOURS", "QA", "QA_TYPES", "SHAPES", "SIZE_RANGE",
     "Scene", "ToyObject", "allowed_object_colours", "caption_coarse", "caption_fine", "compute_stats",
     "contact_sheet_from_split", "generate_dataset", "grid3_cell", "grid3_name", "grid5_cell", "label_map",

@@ -6,8 +6,10 @@
 
 The reconstruct grid has one row per input image: the original (center-cropped and resized to the decoder's
 resolution, as the encoder sees it) in
-the first column, then one column per token count. Heavy imports stay inside the run functions so
-``vilex --help`` is instant. Missing/undecodable images and bad checkpoints are one-line UserErrors.
+the first column, then one column per token count. ``--checkpoint`` takes the ViLex checkpoint folder, a
+`vilex pretrain` checkpoint-<step> folder or the run folder (its latest checkpoint):
+``vilex.pipeline.resolve_vilex_checkpoint``. Heavy imports stay inside the run functions so ``vilex --help`` is
+instant. Missing/undecodable images and bad checkpoints are one-line UserErrors.
 """
 from __future__ import annotations
 
@@ -21,10 +23,24 @@ from vilex.errors import UserError
 log = logging.getLogger(__name__)
 
 
+CHECKPOINT_HELP = ("a ViLex checkpoint: its folder (vilex_config.json, vit/, pooler/), a `vilex pretrain` "
+                   "checkpoint-<step> folder, or the run folder (= its latest checkpoint)")
+
+
+def add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
+    """``--checkpoint``, as every command that takes a stage-1 checkpoint spells it."""
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """``--device``, resolved by ``vilex.train.distributed.resolve_device`` (the same on every command)."""
+    p.add_argument("--device", default="auto", help="auto (cuda when there is one) | cpu | cuda | cuda:N")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="ViLex checkpoint folder (vit/, pooler/, vilex_config.json)")
+    add_checkpoint_arg(p)
     p.add_argument("--decoder", default=None, help="override the frozen decoder's hub id / folder from the checkpoint")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: cuda when available)")
+    add_device_arg(p)
 
 
 def _sampling(p: argparse.ArgumentParser, guidance: float) -> None:
@@ -51,12 +67,11 @@ def load_images(paths: list[str]):
 
 
 def _pipeline(args: argparse.Namespace):
-    import torch
-
     from vilex.pipeline import ViLexPipeline
+    from vilex.train.distributed import resolve_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return ViLexPipeline.from_pretrained(args.checkpoint, decoder_name_or_path=args.decoder, device=device)
+    return ViLexPipeline.from_pretrained(args.checkpoint, decoder_name_or_path=args.decoder,
+                                         device=resolve_device(args.device, "--device"))
 
 
 def _check_out(out: str, suffixes: tuple[str, ...]) -> Path:

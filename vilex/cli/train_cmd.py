@@ -72,12 +72,17 @@ def _cache_latents(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- vilex eval-recon
 def _eval_recon_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="a ViLex checkpoint folder (vit/, pooler/, vilex_config.json)")
-    p.add_argument("--data", required=True, help="held-out images with captions (folder with metadata.jsonl)")
+    from vilex.cli.stage1_cmd import add_checkpoint_arg, add_device_arg
+
+    add_checkpoint_arg(p)
+    p.add_argument("--data", required=True, help="held-out images: a folder of images (captions, for the caption "
+                                                 "baseline, from its metadata.jsonl), or --data-type hf | webdataset")
     p.add_argument("--data-type", default="folder", help="image source type (folder | hf | webdataset)")
-    p.add_argument("--caption-field", default="caption")
+    p.add_argument("--caption-field", default="caption", help="the metadata field holding each image's caption")
     p.add_argument("--num-tokens", type=int, nargs="+", default=[1, 16, 75])
-    p.add_argument("--baseline", nargs="*", default=["caption"], help="baselines to compare against (caption)")
+    p.add_argument("--baseline", nargs="*", default=["caption"],
+                   help="baselines to compare against: caption (skipped, with a note, when images have no caption); "
+                        "give --baseline alone for none")
     p.add_argument("--num-images", type=int, default=64)
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
@@ -86,6 +91,7 @@ def _eval_recon_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inception-weights", default=None,
                    help="LOCAL torchvision inception_v3 state_dict for FID/IS (never downloaded)")
     p.add_argument("--out", required=True, help="output folder for recon_table.{md,json} and recon_examples.png")
+    add_device_arg(p)
 
 
 @command("eval-recon", help="reconstruction table: ViLex at k tokens vs the decoder prompted with captions")(_eval_recon_args)
@@ -93,22 +99,26 @@ def _eval_recon(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from vilex.errors import UserError
-    from vilex.eval_recon import evaluate_reconstruction, format_table, load_eval_images, write_report
+    from vilex.eval_recon import (evaluate_reconstruction, format_table, load_eval_images, runnable_baselines,
+                                  write_report)
     from vilex.pipeline import ViLexPipeline
+    from vilex.train.distributed import resolve_device
 
     if args.num_images < 2:
         raise UserError("--num-images must be >= 2 (confidence intervals need two)")
-    pipe = ViLexPipeline.from_pretrained(args.checkpoint)
+    runnable_baselines(args.baseline, [], args.caption_field)  # an unknown name fails before anything loads
+    pipe = ViLexPipeline.from_pretrained(args.checkpoint, device=resolve_device(args.device, "--device"))
     pipe.set_progress_bar_config(disable=True)
     images, captions, _ = load_eval_images(args.data, pipe.decoder.image_size, args.caption_field, args.num_images,
                                            args.data_type)
-    fid_note = None
+    baselines, caption_note = runnable_baselines(args.baseline, captions, args.caption_field)
+    notes = [caption_note] if caption_note else []
     if args.inception_weights is None:
-        fid_note = ("FID/IS not computed: no local Inception-v3 weights given (--inception-weights PATH); "
-                    "nothing is downloaded.")
-    rows, arms = evaluate_reconstruction(pipe, images, captions, args.num_tokens, args.baseline, args.guidance_scale,
+        notes.append("FID/IS not computed: no local Inception-v3 weights given (--inception-weights PATH); "
+                     "nothing is downloaded.")
+    rows, arms = evaluate_reconstruction(pipe, images, captions, args.num_tokens, baselines, args.guidance_scale,
                                          args.steps, args.seed, args.batch_size, args.inception_weights)
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    write_report(Path(args.out), rows, arms, images, settings, fid_note)
-    print(format_table(rows, fid_note))
+    write_report(Path(args.out), rows, arms, images, settings, notes)
+    print(format_table(rows, notes))
     return 0

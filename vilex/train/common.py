@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import shutil
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
@@ -29,14 +30,19 @@ class NonFiniteLossError(UserError):
 
 
 def rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every RNG's state, in types ``torch.load(weights_only=True)`` accepts (numpy's key array as a tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+            "torch": torch.get_rng_state(),
             "generator": generator.get_state() if generator is not None else None,
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict[str, Any], generator: torch.Generator | None = None) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if generator is not None and state.get("generator") is not None:
         generator.set_state(state["generator"])
@@ -81,11 +87,14 @@ class NonFiniteGuard:
 
 def save_distributed(ckpts: CheckpointManager, step: int, is_main: bool, write_every_rank: Callable[[Path], None],
                      write_main: Callable[[Path], None],
-                     gathered: Callable[[], ContextManager] = contextlib.nullcontext) -> Path:
+                     gathered: Callable[[], ContextManager] = contextlib.nullcontext,
+                     device: torch.device | str = "cpu") -> Path:
     """One checkpoint written by all ranks into a shared temp folder and published atomically by rank 0.
 
     ``write_every_rank(tmp)`` runs on every rank (its RNG/loader state, DeepSpeed shards); ``write_main(tmp)`` on
-    rank 0 only, inside ``gathered()`` (e.g. ZeRO-3 GatheredParameters, entered by all ranks).
+    rank 0 only, inside ``gathered()`` (e.g. ZeRO-3 GatheredParameters, entered by all ranks). A write that fails on
+    any rank (``OSError``: a full disk) is agreed on by all ranks, the temp folder is removed and every rank raises
+    it, so no rank waits forever and ``--resume auto`` never sees a partial checkpoint.
     """
     final = ckpts.path_for(step)
     tmp = temp_dir_for(final, tag=f"step{step}")
@@ -93,13 +102,27 @@ def save_distributed(ckpts: CheckpointManager, step: int, is_main: bool, write_e
         ckpts.clean_stale()
         tmp.mkdir(parents=True)
     D.barrier()
-    write_every_rank(tmp)
-    with gathered():
-        if is_main:
-            write_main(tmp)
-    D.barrier()
+
+    def agreed(phase: Callable[[], None]) -> None:
+        failure: OSError | None = None
+        try:
+            phase()
+        except OSError as e:
+            failure = e
+        if sum_over_ranks([float(failure is not None)], torch.device(device))[0] > 0:
+            if is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise failure or OSError(f"another rank failed to write {final.name}")
+
+    def write() -> None:
+        write_every_rank(tmp)
+        with gathered():
+            if is_main:
+                write_main(tmp)
+
+    agreed(write)
+    agreed(lambda: publish_dir(tmp, final) if is_main else None)
     if is_main:
-        publish_dir(tmp, final)
         ckpts.prune()
         log.info("saved %s", final)
     D.barrier()

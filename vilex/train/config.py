@@ -58,6 +58,9 @@ class TrainConfig:
     peak_tflops: Optional[float] = cfg_field(None, gt=0, help="hardware bf16 peak for MFU (null = measure once)")
     max_minutes: Optional[float] = cfg_field(None, gt=0, help="checkpoint and stop after this long (--resume auto "
                                                               "continues); null = no limit")
+    stop_signals: list[str] = cfg_field(default_factory=lambda: ["SIGTERM", "SIGUSR1"],
+                                        help="checkpoint and stop cleanly (exit 0) on these signals (what SLURM and "
+                                             "spot instances send before a kill); --resume auto continues")
 
     def validate(self) -> None:
         if self.strategy == "deepspeed" and self.deepspeed_config is None:

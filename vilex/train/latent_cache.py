@@ -11,8 +11,15 @@ a fingerprint of its listing: keys plus file sizes and modification times). A di
 transform or changed data therefore gets a new folder; an old one is never reused by mistake.
 
 Layout (written atomically): ``<dir>/<key>/shard-00000.safetensors`` (``mean``, ``std``: (rows, C, h, w))
-… plus ``index.json`` (sample key -> [shard, row], what the key was made of, skip counts). Shards are read
-lazily with ``safe_open`` so a web-scale cache is not loaded into memory at once.
+… plus ``index.json`` (sample key -> [shard, row], what the key was made of, skip counts) and ``manifest.json``
+(every file's size and hash, vilex/checkpoint.py). Shards are read lazily with ``safe_open`` so a web-scale cache
+is not loaded into memory at once.
+
+The cache is derived data, so it is verified, never trusted: opening it checks that the index parses and every file
+has its recorded size (a stat each), and a broken cache is rebuilt with a warning. Each shard's content hash is
+checked the first time a process reads it (a web-scale cache is not re-hashed at every start), and every read is
+checked for NaN/inf; a failure marks the folder (``CORRUPT``) so the next start rebuilds it, and stops the run with
+one line (--resume auto continues from the last checkpoint).
 """
 from __future__ import annotations
 
@@ -20,12 +27,13 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from vilex.checkpoint import atomic_dir
+from vilex.checkpoint import MANIFEST_NAME, atomic_dir, file_hash, folder_problem
 from vilex.config import to_dict
 from vilex.errors import UserError
 from vilex.train import distributed as D
@@ -34,6 +42,11 @@ log = logging.getLogger(__name__)
 
 ROWS_PER_SHARD = 4096
 INDEX_FILE = "index.json"
+CORRUPT_MARK = "CORRUPT"
+
+
+class CorruptCacheError(UserError):
+    """A latent cache whose files do not match what was written."""
 
 
 def _weights_hash(module: torch.nn.Module) -> str:
@@ -89,14 +102,44 @@ class LatentCache:
     """Read side: ``sample(keys, generator)`` -> model-space latents for those samples."""
 
     def __init__(self, folder: Path) -> None:
-        from safetensors import safe_open
-
         self.folder = Path(folder)
+        problem = cache_problem(self.folder)
+        if problem is not None:
+            raise CorruptCacheError(f"latent cache {self.folder} is corrupt: {problem}; delete that folder (it is "
+                                    f"rebuilt on the next start)")
         meta = json.loads((self.folder / INDEX_FILE).read_text())
         self.index: dict[str, tuple[int, int]] = {k: (int(s), int(r)) for k, (s, r) in meta["index"].items()}
         self.skipped = meta.get("skipped", {})
-        self._shards = [safe_open(str(self.folder / name), framework="pt") for name in meta["shards"]]
+        self._names: list[str] = list(meta["shards"])
+        manifest = self.folder / MANIFEST_NAME
+        self._hashes = ({k: v["xxh3_128"] for k, v in json.loads(manifest.read_text())["files"].items()}
+                        if manifest.is_file() else {})
+        self._shards: dict[int, Any] = {}
         self.hits = 0
+
+    def _shard(self, i: int) -> Any:
+        """Shard ``i``, opened (and its content hash checked) on first use by this process."""
+        if i not in self._shards:
+            from safetensors import safe_open
+
+            name = self._names[i]
+            want = self._hashes.get(name)
+            if want is not None and file_hash(self.folder / name) != want:
+                self._corrupt(f"{name} has changed bytes (content hash differs from the manifest)")
+            try:
+                self._shards[i] = safe_open(str(self.folder / name), framework="pt")
+            except Exception as e:  # safetensors raises its own error type for a damaged file
+                self._corrupt(f"{name} cannot be read ({e})")
+        return self._shards[i]
+
+    def _corrupt(self, problem: str) -> None:
+        """Mark the folder so the next start rebuilds it, and stop in one line."""
+        try:
+            (self.folder / CORRUPT_MARK).write_text(problem + "\n")
+        except OSError:
+            pass
+        raise CorruptCacheError(f"latent cache {self.folder} is corrupt: {problem}; it is marked and will be rebuilt "
+                                f"when the run restarts (--resume auto continues from the last checkpoint)")
 
     def __len__(self) -> int:
         return len(self.index)
@@ -108,11 +151,14 @@ class LatentCache:
                 raise UserError(f"latent cache {self.folder} has no entry for sample '{key}': the data changed "
                                 f"after the cache was built; delete that folder or set latent_cache.enabled=false")
             shard, row = self.index[key]
-            f = self._shards[shard]
+            f = self._shard(shard)
             means.append(f.get_slice("mean")[row:row + 1])
             stds.append(f.get_slice("std")[row:row + 1])
         self.hits += len(keys)
-        return torch.cat(means).float(), torch.cat(stds).float()
+        mean, std = torch.cat(means).float(), torch.cat(stds).float()
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            self._corrupt(f"non-finite latents for samples {list(keys)[:3]}")
+        return mean, std
 
     def sample(self, keys: Sequence[str], decoder: Any, generator: torch.Generator | None = None) -> torch.Tensor:
         """x0 in model space: the decoder's own posterior sampling, from the cached (mean, std)."""
@@ -129,6 +175,9 @@ class LatentCache:
         source = build_source(data_cfg)
         key, facts = cache_key(decoder, data_cfg, view, source, cfg.dtype)
         folder = Path(cfg.dir).expanduser() / key
+        if rank == 0 and folder.exists() and (problem := cache_problem(folder)) is not None:
+            log.warning("latent cache %s is broken (%s): rebuilding it", folder, problem)
+            shutil.rmtree(folder)
         if rank == 0 and not (folder / INDEX_FILE).is_file():
             log.info("latent cache miss: building %s", folder)
             build_cache(folder, decoder, source, view, facts, cfg.dtype)
@@ -136,6 +185,25 @@ class LatentCache:
             log.info("latent cache hit: %s", folder)
         D.barrier()
         return cls(folder)
+
+
+def cache_problem(folder: Path) -> str | None:
+    """What is wrong with a cache folder at a glance (None = usable): a corruption mark left by a reader, an index
+    that does not parse, a missing or resized file. Contents are hashed lazily, per shard, when read."""
+    if (folder / CORRUPT_MARK).is_file():
+        return f"marked corrupt by a reader ({(folder / CORRUPT_MARK).read_text().strip()})"
+    try:
+        meta = json.loads((folder / INDEX_FILE).read_text())
+        shards = list(meta["shards"])
+        meta["index"].items()
+    except FileNotFoundError:
+        return f"{INDEX_FILE} is missing"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"{INDEX_FILE} is unreadable"
+    missing = [name for name in shards if not (folder / name).is_file()]
+    if missing:
+        return f"{missing[0]} is missing"
+    return folder_problem(folder, hashes=False)
 
 
 @torch.no_grad()

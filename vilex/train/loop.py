@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from vilex.checkpoint import folder_fingerprint
+from vilex.checkpoint import folder_fingerprint, write_manifest
 from vilex.config import save_config, to_dict
 from vilex.errors import UserError
 from vilex.train import distributed as D
@@ -61,6 +61,7 @@ class Pretrainer(TrainTask):
             output_dir=self.out, total_steps=tc.max_steps, log_every=tc.log_every,
             checkpoint_every=tc.checkpoint_every, keep_last=tc.keep_last,
             max_consecutive_nonfinite=tc.max_consecutive_nonfinite, max_minutes=tc.max_minutes, name="pretrain",
+            stop_signals=tuple(tc.stop_signals),
             tensorboard=cfg.log.tensorboard, wandb_project=cfg.log.wandb_project, wandb_config=to_dict(cfg)))
         # what the encoder is trained against: a resume against other decoder weights under the same path (a
         # retrained asset) would silently continue a different experiment
@@ -84,6 +85,7 @@ class Pretrainer(TrainTask):
 
         cfg, tc = self.cfg, self.cfg.train
         D.init_process_group_if_needed()
+        self.loop.acquire()  # one run per output folder: refuse before an hour of latent caching
         seed_everything(tc.seed)  # identical model init on every rank
         self.model = ViLexModel.from_config(cfg.model)
         self.decoder = self.model.decoder
@@ -166,6 +168,7 @@ class Pretrainer(TrainTask):
         if self.ema:
             torch.save(self.ema.state_dict(), tmp / "ema.pt")
         self.model.save_pretrained(tmp / "pipeline")  # loadable on its own (ViLexPipeline.from_pretrained)
+        write_manifest(tmp / "pipeline")  # verifiable on its own too, when copied out of the checkpoint
 
     def gathered(self):
         """Gather ZeRO-3 partitions so rank 0 can export full weights (a no-op otherwise)."""
@@ -179,8 +182,8 @@ class Pretrainer(TrainTask):
         if not self.strategy.shards_state:
             self.encoder.load_state_dict(torch.load(folder / "encoder.pt", map_location="cpu", weights_only=True))
         if self.ema:
-            self.ema.load_state_dict(torch.load(folder / "ema.pt", map_location="cpu", weights_only=False))
-        own = torch.load(folder / f"rank{rank}.pt", map_location="cpu", weights_only=False)
+            self.ema.load_state_dict(torch.load(folder / "ema.pt", map_location="cpu", weights_only=True))
+        own = torch.load(folder / f"rank{rank}.pt", map_location="cpu", weights_only=True)
         set_rng_state(own["rng"], self.generator)
         self.loader.load_state_dict(own["loader"])
 

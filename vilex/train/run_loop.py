@@ -15,7 +15,13 @@ it adds to the log and the summary. The loop owns what every run needs, written 
   ``checkpoint_every`` steps and at the end, ``max_minutes`` (checkpoint, then stop: the caller still evaluates and
   saves, and ``--resume auto`` continues);
 * the atomic multi-rank checkpoint (vilex.train.common.save_distributed) and ``trainer_state.json``;
-* the summary (``summary.json``) and the run history (``run_history.json``: the segments a resumed run was made of).
+* the summary (``summary.json``) and the run history (``run_history.json``: the segments a resumed run was made of);
+* one writer per output folder (vilex/train/run_lock.py), taken before anything is read or written there;
+* preemption: the ``stop_signals`` (SIGTERM and SIGUSR1 by default: what SLURM and spot instances send before a
+  kill) make the run finish its optimizer step, write a checkpoint and return normally (exit 0); ``--resume auto``
+  continues bit-identically. Every rank stops at the same step (the flag travels with the step's loss reduction);
+* a checkpoint write that fails (a full disk) removes its partial folder, keeps the previous checkpoint and stops
+  with one line.
 
 Exact resume: the loop restores its counters and the strategy's optimizer/scheduler; the task restores its weights,
 RNG and data position. On CPU a killed-and-resumed run reproduces the uninterrupted run's losses bit for bit
@@ -27,6 +33,7 @@ import contextlib
 import json
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +42,9 @@ from typing import Any, ContextManager, Iterator
 import torch
 
 from vilex.checkpoint import CheckpointManager
+from vilex.errors import UserError
 from vilex.train.common import NonFiniteGuard, check_same_run_shape, save_distributed, sum_over_ranks
+from vilex.train.run_lock import RunLock
 from vilex.train.strategy import Strategy
 
 log = logging.getLogger(__name__)
@@ -71,6 +80,18 @@ class LoopSettings:
     tensorboard: bool = False
     wandb_project: str | None = None
     wandb_config: dict[str, Any] | None = None
+    stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")  # checkpoint and stop cleanly on these
+
+
+def signal_numbers(names: Any) -> list[signal.Signals]:
+    """``["SIGTERM", "SIGUSR1"]`` -> signal numbers; an unknown name is a UserError."""
+    out = []
+    for name in names:
+        try:
+            out.append(signal.Signals[str(name).upper()])
+        except KeyError:
+            raise UserError(f"stop_signals: unknown signal {name!r} (e.g. SIGTERM, SIGUSR1, SIGUSR2)") from None
+    return out
 
 
 class TrainTask:
@@ -132,8 +153,31 @@ class RunLoop:
         self.state = task.state_class()
         self.resumed_from: Path | None = None
         self.stopped_early = False
+        self.stop_reason: str | None = None
         self.writer = None
         self.wandb = None
+        self.lock = RunLock(self.out)
+        self._acquired = False
+        self._signalled: str | None = None
+        signal_numbers(settings.stop_signals)  # a bad name fails before any work
+
+    def acquire(self) -> None:
+        """Take the output folder's lock on rank 0 (idempotent); every rank fails if it is held by another run."""
+        if self._acquired:  # tracked on every rank: only rank 0 holds the lock, all take part in the check
+            return
+        error: Exception | None = None
+        if self.strategy.is_main:
+            try:
+                self.lock.acquire()
+            except UserError as e:
+                error = e
+        if sum_over_ranks([float(error is not None)], self.strategy.device)[0] > 0:
+            raise error or UserError(f"{self.out} is in use by another run (see rank 0's message)")
+        self._acquired = True
+
+    def release(self) -> None:
+        self.lock.release()
+        self._acquired = False
 
     @property
     def rank(self) -> int:
@@ -145,7 +189,9 @@ class RunLoop:
 
     # ---- resume
     def resolve(self, resume: str | Path | None) -> Path | None:
-        """``None`` (fresh start), ``auto`` (the latest checkpoint, if any) or a checkpoint folder."""
+        """``None`` (fresh start), ``auto`` (the newest checkpoint that verifies, if any) or a checkpoint folder
+        (it must verify). Takes the run folder's lock first."""
+        self.acquire()
         return self.ckpts.resolve(resume)
 
     def _identity(self) -> dict[str, Any]:
@@ -182,8 +228,14 @@ class RunLoop:
             (tmp / TRAINER_STATE).write_text(json.dumps({**self.state.__dict__, **self._identity()}, indent=1,
                                                         default=str))
 
-        return save_distributed(self.ckpts, self.state.step, self.strategy.is_main, every_rank, main_only,
-                                self.task.gathered)
+        try:
+            return save_distributed(self.ckpts, self.state.step, self.strategy.is_main, every_rank, main_only,
+                                    self.task.gathered, self.strategy.device)
+        except OSError as e:
+            latest = self.ckpts.latest()
+            raise UserError(f"writing checkpoint-{self.state.step} under {self.ckpts.root} failed "
+                            f"({e.strerror or e}); its partial folder was removed, the last complete checkpoint is "
+                            f"{latest or 'none yet'}: free space, then --resume auto") from None
 
     # ---- loggers
     def _open_loggers(self) -> None:
@@ -228,16 +280,40 @@ class RunLoop:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
-    def _out_of_time(self) -> bool:
-        """``max_minutes`` has passed (decided by rank 0's clock, so every rank stops at the same step)."""
+    def _late(self) -> float:
+        """1.0 when ``max_minutes`` has passed on this rank's clock (rank 0's decides: the flag is summed)."""
         limit = self.settings.max_minutes
-        if limit is None or self.state.step >= self.settings.total_steps:
-            return False
-        late = float(self.strategy.is_main and time.perf_counter() - self._started > limit * 60)
-        return sum_over_ranks([late], self.strategy.device)[0] > 0
+        return float(limit is not None and self.strategy.is_main and time.perf_counter() - self._started > limit * 60)
+
+    @contextlib.contextmanager
+    def _stop_signal_handlers(self):
+        """While the loop runs, the stop signals set a flag instead of killing the process (main thread only)."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):  # noqa: ARG001
+            self._signalled = signal.Signals(signum).name
+
+        previous = {s: signal.signal(s, handler) for s in signal_numbers(self.settings.stop_signals)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
     # ---- the loop
     def run(self) -> dict[str, Any]:
+        self.acquire()
+        try:
+            with self._stop_signal_handlers():
+                return self._run()
+        finally:
+            self.release()
+
+    def _run(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         s, st = self.settings, self.state
@@ -248,43 +324,53 @@ class RunLoop:
         bar = tqdm(total=s.total_steps, initial=st.step, disable=not self.strategy.is_main, desc=s.name,
                    dynamic_ncols=True)
         window_start, window_steps, micro_losses = time.perf_counter(), 0, []
-        while st.step < s.total_steps:
-            batch = next(batches)
-            loss = self.task.micro_step(batch)
-            finite = sum_over_ranks([float(torch.isfinite(loss.detach()).all())], self.strategy.device)[0] == self.world
-            if finite:
-                self.strategy.backward(loss)
-            st.micro_steps += 1
-            self.task.on_micro_batch(batch, finite)
-            if not finite:
-                guard.bad()
-                continue
-            guard.ok()
-            result = self.strategy.step()
-            micro_losses.append(float(loss.detach()))
-            if not result.stepped:
-                continue
-            st.step += 1
-            window_steps += 1
-            step_loss = sum_over_ranks([sum(micro_losses) / len(micro_losses)], self.strategy.device)[0] / self.world
-            micro_losses = []
-            st.losses.append(step_loss)
-            self.task.on_optimizer_step(st)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
-            if st.step % s.log_every == 0 or st.step == s.total_steps:
-                self._log(step_loss, result.grad_norm, time.perf_counter() - window_start, window_steps)
-                window_start, window_steps = time.perf_counter(), 0
-            self.task.after_step(st)
-            out_of_time = self._out_of_time()
-            if st.step % s.checkpoint_every == 0 or st.step == s.total_steps or out_of_time:
-                self.save()
-            if out_of_time:
-                log.warning("max_minutes=%s reached at step %d of %d: stopped after a checkpoint (--resume auto "
-                            "continues)", s.max_minutes, st.step, s.total_steps)
-                self.stopped_early = True
-                break
-        bar.close()
+        try:
+            while st.step < s.total_steps:
+                batch = next(batches)
+                loss = self.task.micro_step(batch)
+                finite_here = float(torch.isfinite(loss.detach()).all())
+                finite = sum_over_ranks([finite_here], self.strategy.device)[0] == self.world
+                if finite:
+                    self.strategy.backward(loss)
+                st.micro_steps += 1
+                self.task.on_micro_batch(batch, finite)
+                if not finite:
+                    guard.bad()
+                    continue
+                guard.ok()
+                result = self.strategy.step()
+                micro_losses.append(float(loss.detach()))
+                if not result.stepped:
+                    continue
+                st.step += 1
+                window_steps += 1
+                # one reduction per step carries the loss and the stop flags, so every rank decides alike
+                loss_sum, signalled, late = sum_over_ranks(
+                    [sum(micro_losses) / len(micro_losses), float(self._signalled is not None), self._late()],
+                    self.strategy.device)
+                step_loss = loss_sum / self.world
+                micro_losses = []
+                st.losses.append(step_loss)
+                self.task.on_optimizer_step(st)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}")
+                if st.step % s.log_every == 0 or st.step == s.total_steps:
+                    self._log(step_loss, result.grad_norm, time.perf_counter() - window_start, window_steps)
+                    window_start, window_steps = time.perf_counter(), 0
+                self.task.after_step(st)
+                stop = None
+                if st.step < s.total_steps:
+                    stop = (f"signal {self._signalled or 'on another rank'}" if signalled
+                            else f"max_minutes={s.max_minutes}" if late else None)
+                if st.step % s.checkpoint_every == 0 or st.step == s.total_steps or stop:
+                    self.save()
+                if stop:
+                    log.warning("%s at step %d of %d: stopped after a checkpoint (--resume auto continues)", stop,
+                                st.step, s.total_steps)
+                    self.stopped_early, self.stop_reason = True, stop
+                    break
+        finally:  # a closed bar ends its line, so an error message starts on a line of its own
+            bar.close()
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
@@ -293,7 +379,8 @@ class RunLoop:
         latest = self.ckpts.latest()
         s: dict[str, Any] = {"steps": st.step, "final_loss": st.losses[-1] if st.losses else None,
                              "losses": st.losses, "nonfinite_skipped": st.nonfinite_total,
-                             "stopped_early": self.stopped_early, **self.task.summary(st),
+                             "stopped_early": self.stopped_early, "stop_reason": self.stop_reason,
+                             **self.task.summary(st),
                              "checkpoint": str(latest) if latest else None}
         if hasattr(self, "_started"):  # this invocation (a resumed run counts from its resume step)
             s["this_run"] = {"from_step": self._from_step,

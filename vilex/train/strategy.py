@@ -142,7 +142,7 @@ class TorchStrategy(Strategy):
                     "micro": self._micro}, folder / "optimizer.pt")
 
     def load(self, folder: Path) -> None:
-        state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False)
+        state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._micro = state["micro"]
