@@ -265,3 +265,22 @@ def test_resume_state_loads_with_weights_only(reference):
     ckpt = ref_out / "checkpoints" / "checkpoint-6"
     for name in ("rank0.pt", "optimizer.pt", "encoder.pt"):
         torch.load(ckpt / name, map_location="cpu", weights_only=True)  # raises on any pickled code object
+
+
+def test_a_vlm_checkpoint_with_a_truncated_file_is_refused_naming_it(tmp_path):
+    from vlm.model import resolve_checkpoint
+
+    with atomic_dir(tmp_path / "vlm" / "checkpoints" / "checkpoint-2") as tmp:
+        (tmp / "vlm_config.json").write_text("{}")
+        (tmp / "projector").mkdir()
+        (tmp / "projector" / "model.safetensors").write_bytes(os.urandom(2048))
+    ckpt = tmp_path / "vlm" / "checkpoints" / "checkpoint-2"
+    assert resolve_checkpoint(tmp_path / "vlm") == ckpt
+    weights = ckpt / "projector" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CorruptFolderError, match=r"checkpoint-2 is corrupt: projector/model.safetensors is truncated"):
+        resolve_checkpoint(ckpt)
+    from vilex.errors import UserError
+
+    with pytest.raises(UserError, match="not a VLM checkpoint"):  # the run folder skips it: no other checkpoint
+        resolve_checkpoint(tmp_path / "vlm")

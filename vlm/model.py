@@ -82,14 +82,16 @@ def load_llm(name_or_path: str | Path, dtype: str, attn_implementation: str):
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A VLM checkpoint folder, or the latest ``checkpoint-*`` of a run/stage folder given instead."""
-    from vilex.checkpoint import CheckpointManager
+    """A VLM checkpoint folder, or the newest ``checkpoint-*`` of a run/stage folder that verifies; the folder is
+    checked against its manifest (a truncated or changed file is named in one line)."""
+    from vilex.checkpoint import CheckpointManager, verify_folder
 
     path = Path(path).expanduser()
     if (path / CONFIG_FILE).is_file():
+        verify_folder(path, "VLM checkpoint")
         return path
     for root in (path / "checkpoints", path):
-        latest = CheckpointManager(root, keep_last=None).latest()
+        latest = CheckpointManager(root, keep_last=None).latest_verified()
         if latest is not None and (latest / CONFIG_FILE).is_file():
             return latest
     if not path.exists():
