@@ -38,7 +38,7 @@ See benchmarks/README.md.
 def _configure(p: argparse.ArgumentParser) -> None:
     p.epilog = EXAMPLES
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_config_args(p)
+    add_config_args(p, "output_dir=runs/bench/mine")
     p.add_argument("--cache", type=Path, default=None, metavar="DIR",
                    help="run the task copies `vilex eval prepare` wrote to DIR, offline (sets prepared_cache)")
     p.add_argument("--dry-run", action="store_true",
@@ -50,7 +50,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
     prep.add_argument("--suite", required=True, help="a sweep YAML (its tasks and include_path)")
     prep.add_argument("--cache", type=Path, required=True, metavar="DIR")
     prep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a suite value (repeatable)")
+                      help="override a suite value, e.g. --set tasks=[vilex_toy_colour] (repeatable)")
     prep.add_argument("--force", action="store_true", help="re-download data already saved under DIR")
     rep = actions.add_parser("report", help="tables and a plot from a sweep's output_dir")
     rep.add_argument("run_dir", type=Path)

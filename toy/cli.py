@@ -155,7 +155,7 @@ STAGE0_COMMANDS: tuple[Stage0Command, ...] = (
 
 def _register_stage0(spec: Stage0Command) -> None:
     def configure(p: argparse.ArgumentParser) -> None:
-        add_config_args(p)
+        add_config_args(p, "train.lr=1e-4")
         p.add_argument("--out", default=spec.out_default, help=spec.out_help)
         p.add_argument("--resume", default=None, metavar="auto|PATH",
                        help="'auto' = the latest checkpoint under the config's work_dir (fresh start if none); "
@@ -179,7 +179,7 @@ for _spec in STAGE0_COMMANDS:
 
 
 def _gate_args(p: argparse.ArgumentParser) -> None:
-    add_config_args(p)
+    add_config_args(p, "gate.n_scenes=64")
     p.add_argument("--decoder", default="assets/toy/decoder", help="decoder folder to judge")
 
 

@@ -17,7 +17,7 @@ from vlm.config import STAGE_ORDER
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    add_config_args(p, required=True)
+    add_config_args(p, "align.lr=1e-4", required=True)
     p.add_argument("--stage", required=True, choices=STAGE_ORDER, help="which stage of the recipe to run")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="'auto' = latest checkpoint of this stage (fresh start if none); or a checkpoint folder")

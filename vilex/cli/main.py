@@ -68,11 +68,12 @@ def command(name: str, help: str, group: str | None = None):
     return deco
 
 
-def add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    """The ``--config FILE`` + repeated ``--set a.b=value`` pair shared by config-driven commands."""
+def add_config_args(p: argparse.ArgumentParser, example: str, required: bool = False) -> None:
+    """The ``--config FILE`` + repeated ``--set a.b=value`` pair shared by config-driven commands; ``example`` is a
+    valid override of this command's config (tests/test_cli_help_examples.py loads each one)."""
     p.add_argument("--config", required=required, help="experiment YAML under configs/")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+                   help=f"override a config value, e.g. --set {example} (repeatable)")
 
 
 def _load_command_modules() -> None:

@@ -21,7 +21,7 @@ def _load_pretrain_config(args: argparse.Namespace):
 
 # ----------------------------------------------------------------------------- vilex pretrain
 def _pretrain_args(p: argparse.ArgumentParser) -> None:
-    add_config_args(p, required=True)
+    add_config_args(p, "train.optim.lr_pooler=1e-4", required=True)
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="'auto' = latest checkpoint under train.output_dir (fresh start if none); or a checkpoint folder")
     p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, and exit")
@@ -50,7 +50,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- vilex cache-latents
 def _cache_args(p: argparse.ArgumentParser) -> None:
-    add_config_args(p, required=True)
+    add_config_args(p, "latent_cache.dtype=float16", required=True)
 
 
 @command("cache-latents", help="precompute the VAE posterior (mean, std) of every training image")(_cache_args)
