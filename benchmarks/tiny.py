@@ -1,4 +1,5 @@
-"""benchmarks/tiny.py — tiny VLM checkpoints and a tiny toy suite for tests, the demo and the overhead script.
+"""benchmarks/tiny.py — tiny VLM checkpoints for tests and the overhead script (the tiny toy suite they are evaluated
+on is ``toy.tiny_suite``: it needs the toy world, which sits above this package).
 
 A checkpoint here is an untrained ``vlm.model.VLM`` (tiny Qwen2 + tiny SigLIP from ``vlm.tiny``) saved with
 ``save_components`` — the same folder layout training writes, so the plugin loads it through the real
@@ -31,14 +32,3 @@ def build_tiny_vlm_checkpoints(root: str | Path, seeds: tuple[int, ...] = (0, 1)
         model.save_components(folder, components=("projector",), stage="instruct")
         folders.append(folder)
     return folders
-
-
-def build_tiny_toy_suite(root: str | Path, n: int = 12, max_per_task: int | None = 3) -> dict[str, Any]:
-    """A toy-world dataset under ``root/toy`` and its lmms-eval tasks under ``root/tasks`` (manifest returned)."""
-    from benchmarks.toy_tasks import materialize_toy_tasks
-    from toy.scenes.generate import generate_dataset
-
-    root = Path(root)
-    generate_dataset(root / "toy", n=n, seed=0, size=32, splits={"train": 0.5, "test": 0.5},
-                     progress=False)
-    return materialize_toy_tasks(root / "toy" / "test", root / "tasks", max_per_task=max_per_task)

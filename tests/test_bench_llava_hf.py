@@ -15,7 +15,8 @@ TASKS = ["vilex_toy_colour", "vilex_toy_caption"]
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from benchmarks.tiny import build_tiny_toy_suite, build_tiny_vlm_checkpoints
+    from benchmarks.tiny import build_tiny_vlm_checkpoints
+    from toy.tiny_suite import build_tiny_toy_suite
     from vilex.cli.main import main
 
     root = tmp_path_factory.mktemp("bench_llava_hf")

@@ -308,7 +308,8 @@ def test_two_real_vilex_eval_processes_share_one_output_dir(tmp_path):
     """Two `vilex eval` processes started together on one output_dir, real lmms-eval workers: each pair runs once
     (the two summaries' `done` add up to the grid), every result is complete, and the report has every score."""
     from benchmarks.report import collect
-    from benchmarks.tiny import build_tiny_toy_suite, build_tiny_vlm_checkpoints
+    from benchmarks.tiny import build_tiny_vlm_checkpoints
+    from toy.tiny_suite import build_tiny_toy_suite
 
     build_tiny_toy_suite(tmp_path, n=8, max_per_task=2)
     ckpts = build_tiny_vlm_checkpoints(tmp_path, seeds=(0, 1))

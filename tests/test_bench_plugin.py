@@ -10,7 +10,8 @@ from vilex.errors import UserError
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    from benchmarks.tiny import build_tiny_toy_suite, build_tiny_vlm_checkpoints
+    from benchmarks.tiny import build_tiny_vlm_checkpoints
+    from toy.tiny_suite import build_tiny_toy_suite
 
     root = tmp_path_factory.mktemp("bench_plugin")
     manifest = build_tiny_toy_suite(root, n=8, max_per_task=3)

@@ -170,7 +170,9 @@ def test_real_two_by_two_sweep_through_the_cli_resumes(tmp_path, monkeypatch, ca
     result launches exactly one subprocess."""
     import shutil
 
-    from benchmarks.tiny import build_tiny_toy_suite, build_tiny_vlm_checkpoints
+    from benchmarks.tiny import build_tiny_vlm_checkpoints
+
+    from toy.tiny_suite import build_tiny_toy_suite
     from vilex.cli.main import main
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))

@@ -43,7 +43,8 @@ def main() -> int:
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                       TOKENIZERS_PARALLELISM="false")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from benchmarks.tiny import build_tiny_toy_suite, build_tiny_vlm_checkpoints
+    from benchmarks.tiny import build_tiny_vlm_checkpoints
+    from toy.tiny_suite import build_tiny_toy_suite
 
     tasks = args.tasks.split(",")
     lmms_eval_bin = str(Path(sys.executable).parent / "lmms-eval")

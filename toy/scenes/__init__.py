@@ -1,7 +1,7 @@
 """toy.scenes — the procedural toy world's scenes: coloured shapes with exact scene graphs.
 
-A leaf: it needs only numpy and PIL, so ``benchmarks`` and the tests may import it (nothing else in ``toy`` may be
-imported from below).
+A leaf: it needs only numpy and PIL (no other part of the project), so the tests may use it on its own. Like all of
+``toy`` it sits above ``benchmarks``: packages below never import it.
 
 Public API (stable; the data layer, stage-0 pretraining, the judge and the probes call it):
 
