@@ -150,15 +150,9 @@ class DecoderTrainer(Stage0Trainer):
         self.prepare(self.parts, groups, weight_decay=spec.weight_decay)
         self.ema = EMA(self.parts, decay=spec.ema_decay)
 
-    def train(self, resume: str | Path | None = None) -> dict[str, Any]:
-        folder = self.loop.resolve(resume)
-        if folder is not None:
-            self.loop.resume(folder)
+    def set_train_mode(self) -> None:
         self.parts.train()
-        self.text_encoder.train(self.cfg.text_encoder.trainable)
-        summary = self.loop.run()
-        self.parts.eval()
-        return summary
+        self.text_encoder.train(self.cfg.text_encoder.trainable)  # a frozen text encoder stays in eval mode
 
     def batches(self, state: RunState) -> Iterator[Any]:
         spec = self.cfg.train

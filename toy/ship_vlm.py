@@ -18,13 +18,7 @@ from typing import Any
 import yaml
 
 from vilex.errors import UserError
-
-TRAINING_STATE = ("optimizer.pt", "deepspeed")  # plus rank<r>.pt
-
-
-def _is_training_state(name: str) -> bool:
-    return name in TRAINING_STATE or (name.startswith("rank") and name.endswith(".pt"))
-
+from vlm.model import is_training_state
 
 def relative_references(model: dict[str, Any], out: Path) -> dict[str, Any]:
     """Absolute local references of a saved model config rewritten relative to ``out`` (hub ids kept)."""
@@ -84,7 +78,7 @@ def ship_vlm_run(run_dir: str | Path, out: str | Path, stage: str = "instruct",
                           if (run_dir / s).is_dir()}}
     with atomic_dir(out) as tmp:
         for item in ckpt.iterdir():
-            if _is_training_state(item.name):
+            if is_training_state(item.name):
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         if llm_storage_dtype and (tmp / "llm").is_dir():

@@ -107,10 +107,14 @@ class Stage0Trainer(TrainTask):
         folder = self.loop.resolve(resume)
         if folder is not None:
             self.loop.resume(folder)
-        self.module.train()
+        self.set_train_mode()
         summary = self.loop.run()
         self.module.eval()
         return summary
+
+    def set_train_mode(self) -> None:
+        """Train mode for the loop (a part that stays frozen may keep eval mode)."""
+        self.module.train()
 
     def run_metrics(self, summary: dict[str, Any]) -> dict[str, Any]:
         """What every stage-0 recipe reports about the run itself."""

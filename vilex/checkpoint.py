@@ -82,11 +82,12 @@ class CorruptFolderError(UserError):
     """A folder whose files do not match its manifest (missing, truncated, or changed bytes)."""
 
 
-def folder_problem(folder: str | Path, hashes: bool = True) -> str | None:
+def folder_problem(folder: str | Path, hashes: bool = True, skip: Callable[[str], bool] | None = None) -> str | None:
     """What is wrong with ``folder`` against its manifest (None = it verifies, or it has no manifest).
 
     ``hashes=False`` checks presence and sizes only (a stat per file): cheap enough for large derived data whose
-    contents are hashed lazily where they are read."""
+    contents are hashed lazily where they are read. ``skip(relative_name)`` leaves out files a reader does not use
+    (e.g. the optimizer state when a checkpoint is only evaluated)."""
     folder = Path(folder)
     path = folder / MANIFEST_NAME
     if not path.is_file():
@@ -96,6 +97,8 @@ def folder_problem(folder: str | Path, hashes: bool = True) -> str | None:
     except (ValueError, KeyError, TypeError):
         return f"its {MANIFEST_NAME} is unreadable"
     for name, want in files.items():
+        if skip is not None and skip(name):
+            continue
         p = folder / name
         if not p.is_file():
             return f"{name} is missing"
@@ -108,10 +111,11 @@ def folder_problem(folder: str | Path, hashes: bool = True) -> str | None:
     return None
 
 
-def verify_folder(folder: str | Path, what: str = "checkpoint", hashes: bool = True) -> None:
+def verify_folder(folder: str | Path, what: str = "checkpoint", hashes: bool = True,
+                  skip: Callable[[str], bool] | None = None) -> None:
     """Raise ``CorruptFolderError`` (one line naming the bad file) if ``folder`` does not match its manifest."""
     folder = Path(folder)
-    problem = folder_problem(folder, hashes=hashes)
+    problem = folder_problem(folder, hashes=hashes, skip=skip)
     if problem is not None:
         raise CorruptFolderError(f"{what} {folder} is corrupt: {problem}")
     if not (folder / MANIFEST_NAME).is_file():
@@ -279,10 +283,11 @@ class CheckpointManager:
         for old in self.list()[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def latest_verified(self) -> Path | None:
-        """The newest checkpoint that verifies against its manifest; newer corrupt ones are named in a warning."""
+    def latest_verified(self, problem_of: Callable[[Path], str | None] = folder_problem) -> Path | None:
+        """The newest checkpoint without a problem (by default: that verifies against its manifest); newer ones with
+        a problem are named in a warning. ``problem_of`` lets a reader check only what it loads."""
         for path in reversed(self.list()):
-            problem = folder_problem(path)
+            problem = problem_of(path)
             if problem is None:
                 return path
             log.warning("skipping checkpoint %s, newer than the one used: %s", path, problem)

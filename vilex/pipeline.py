@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vilex.checkpoint import CheckpointManager, atomic_dir, verify_folder
+from vilex.checkpoint import CheckpointManager, atomic_dir, folder_problem, verify_folder
 from vilex.errors import UserError
 from vilex.models.configs import ViLexConfig
 from vilex.models.decoders import FrozenDecoder, build_frozen_decoder
@@ -48,11 +48,17 @@ def resolve_vilex_checkpoint(path: str | Path) -> Path:
     was expected. Every command and tower that takes a stage-1 checkpoint goes through this function."""
     given = Path(path).expanduser()
     if (given / CONFIG_FILE).is_file():
+        verify_folder(given, "ViLex checkpoint")  # a truncated or changed file is named before anything loads
         return given
     if (given / PIPELINE_SUBFOLDER / CONFIG_FILE).is_file():
+        verify_folder(given / PIPELINE_SUBFOLDER, "ViLex checkpoint")
         return given / PIPELINE_SUBFOLDER
+
+    def pipeline_problem(checkpoint: Path) -> str | None:  # only what is loaded: not the optimizer state
+        return folder_problem(checkpoint / PIPELINE_SUBFOLDER) if (checkpoint / PIPELINE_SUBFOLDER).is_dir() else None
+
     for root in (given / RUN_CHECKPOINTS, given):
-        latest = CheckpointManager(root, keep_last=None).latest_verified()
+        latest = CheckpointManager(root, keep_last=None).latest_verified(pipeline_problem)
         if latest is None:
             continue
         if not (latest / PIPELINE_SUBFOLDER / CONFIG_FILE).is_file():
@@ -101,7 +107,6 @@ class ViLexPipeline:
         or run folder: ``resolve_vilex_checkpoint``); the decoder from the config's reference, from
         ``decoder_name_or_path`` (e.g. it moved), or an already loaded ``decoder``."""
         path = resolve_vilex_checkpoint(path)
-        verify_folder(path, "ViLex checkpoint")  # a truncated or changed file is named before anything loads
         config = read_vilex_config(path)
         if decoder_name_or_path is not None:
             config.decoder.name_or_path = str(decoder_name_or_path)

@@ -81,17 +81,28 @@ def load_llm(name_or_path: str | Path, dtype: str, attn_implementation: str):
     return llm
 
 
+TRAINING_STATE = ("optimizer.pt", "deepspeed")  # plus rank<r>.pt: what resumes a run, not part of the model
+
+
+def is_training_state(name: str) -> bool:
+    """Whether a checkpoint entry (a top-level name or a relative path) belongs to the training state."""
+    top = name.split("/")[0]
+    return top in TRAINING_STATE or (top.startswith("rank") and top.endswith(".pt"))
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A VLM checkpoint folder, or the newest ``checkpoint-*`` of a run/stage folder that verifies; the folder is
-    checked against its manifest (a truncated or changed file is named in one line)."""
-    from vilex.checkpoint import CheckpointManager, verify_folder
+    """A VLM checkpoint folder, or the newest ``checkpoint-*`` of a run/stage folder that verifies; the model files
+    are checked against the manifest (a truncated or changed file is named in one line), not the training state,
+    which loading a model does not read (for an LLM it is several times the weights)."""
+    from vilex.checkpoint import CheckpointManager, folder_problem, verify_folder
 
     path = Path(path).expanduser()
     if (path / CONFIG_FILE).is_file():
-        verify_folder(path, "VLM checkpoint")
+        verify_folder(path, "VLM checkpoint", skip=is_training_state)
         return path
     for root in (path / "checkpoints", path):
-        latest = CheckpointManager(root, keep_last=None).latest_verified()
+        latest = CheckpointManager(root, keep_last=None).latest_verified(
+            lambda c: folder_problem(c, skip=is_training_state))
         if latest is not None and (latest / CONFIG_FILE).is_file():
             return latest
     if not path.exists():

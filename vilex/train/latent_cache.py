@@ -101,13 +101,14 @@ def cache_key(decoder: Any, data_cfg: Any, view: Any, source: Any, dtype: str) -
 class LatentCache:
     """Read side: ``sample(keys, generator)`` -> model-space latents for those samples."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, meta: dict | None = None) -> None:
+        """``meta``: the index as ``read_checked`` returned it (else it is read and checked here)."""
         self.folder = Path(folder)
-        problem = cache_problem(self.folder)
-        if problem is not None:
-            raise CorruptCacheError(f"latent cache {self.folder} is corrupt: {problem}; delete that folder (it is "
-                                    f"rebuilt on the next start)")
-        meta = json.loads((self.folder / INDEX_FILE).read_text())
+        if meta is None:
+            problem, meta = read_checked(self.folder)
+            if problem is not None:
+                raise CorruptCacheError(f"latent cache {self.folder} is corrupt: {problem}; delete that folder (it "
+                                        f"is rebuilt on the next start)")
         self.index: dict[str, tuple[int, int]] = {k: (int(s), int(r)) for k, (s, r) in meta["index"].items()}
         self.skipped = meta.get("skipped", {})
         self._names: list[str] = list(meta["shards"])
@@ -175,35 +176,41 @@ class LatentCache:
         source = build_source(data_cfg)
         key, facts = cache_key(decoder, data_cfg, view, source, cfg.dtype)
         folder = Path(cfg.dir).expanduser() / key
-        if rank == 0 and folder.exists() and (problem := cache_problem(folder)) is not None:
-            log.warning("latent cache %s is broken (%s): rebuilding it", folder, problem)
-            shutil.rmtree(folder)
+        meta = None
+        if rank == 0 and folder.exists():
+            problem, meta = read_checked(folder)
+            if problem is not None:
+                log.warning("latent cache %s is broken (%s): rebuilding it", folder, problem)
+                shutil.rmtree(folder)
         if rank == 0 and not (folder / INDEX_FILE).is_file():
             log.info("latent cache miss: building %s", folder)
             build_cache(folder, decoder, source, view, facts, cfg.dtype)
+            meta = None
         elif rank == 0:
             log.info("latent cache hit: %s", folder)
         D.barrier()
-        return cls(folder)
+        return cls(folder, meta)
 
 
-def cache_problem(folder: Path) -> str | None:
-    """What is wrong with a cache folder at a glance (None = usable): a corruption mark left by a reader, an index
-    that does not parse, a missing or resized file. Contents are hashed lazily, per shard, when read."""
+def read_checked(folder: Path) -> tuple[str | None, dict | None]:
+    """(problem, index): what is wrong with a cache folder at a glance (None = usable: a corruption mark left by a
+    reader, an index that does not parse, a missing or resized file), and its parsed index when usable. Contents
+    are hashed lazily, per shard, when read."""
     if (folder / CORRUPT_MARK).is_file():
-        return f"marked corrupt by a reader ({(folder / CORRUPT_MARK).read_text().strip()})"
+        return f"marked corrupt by a reader ({(folder / CORRUPT_MARK).read_text().strip()})", None
     try:
         meta = json.loads((folder / INDEX_FILE).read_text())
         shards = list(meta["shards"])
         meta["index"].items()
     except FileNotFoundError:
-        return f"{INDEX_FILE} is missing"
+        return f"{INDEX_FILE} is missing", None
     except (ValueError, KeyError, TypeError, AttributeError):
-        return f"{INDEX_FILE} is unreadable"
+        return f"{INDEX_FILE} is unreadable", None
     missing = [name for name in shards if not (folder / name).is_file()]
     if missing:
-        return f"{missing[0]} is missing"
-    return folder_problem(folder, hashes=False)
+        return f"{missing[0]} is missing", None
+    problem = folder_problem(folder, hashes=False)
+    return problem, (meta if problem is None else None)
 
 
 @torch.no_grad()
