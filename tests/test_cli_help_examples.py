@@ -69,3 +69,23 @@ def test_every_config_driven_command_is_checked():
     with_set = {name for name, p in _commands(build_parser())
                 if any("--set" in a.option_strings for a in p._actions)}
     assert with_set == set(_config_classes())
+
+
+def test_every_command_line_shown_in_help_parses():
+    """Each ``vilex ...`` example line of any --help is accepted by the parser as written, the config file it
+    names exists and its --set overrides are keys of that config (tests/test_bench_docs.py runs `vilex eval`'s examples for real)."""
+    import shlex
+
+    parser = build_parser()
+    examples = sorted({line.strip() for _, sub in _commands(parser) for line in sub.format_help().splitlines()
+                       if line.strip().startswith("vilex ")})
+    assert len(examples) >= 7, examples
+    for line in examples:
+        try:
+            args = parser.parse_args(shlex.split(line)[1:])
+        except SystemExit:
+            pytest.fail(f"--help example does not parse: {line}")
+        if getattr(args, "config", None):
+            assert (REPO / args.config).is_file(), line
+            cls, _ = _config_classes()[args.command]
+            load_config(cls, REPO / args.config, args.overrides)  # every --set key is one of the config's

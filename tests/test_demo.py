@@ -22,16 +22,16 @@ def _vilex(*args, env=None):
 def test_demo_end_to_end_with_stand_in_assets(tmp_path):
     assets = tmp_path / "assets"
     _vilex("toy", "pretrain-decoder", "--config", "configs/toy/decoder.yaml", "--out", str(assets / "decoder"),
-           "--set", "train.steps=2", "--set", "gate.enabled=false", "--set", f"work_dir={tmp_path / 'dec_work'}",
+           "--set", "train.max_steps=2", "--set", "gate.enabled=false", "--set", f"work_dir={tmp_path / 'dec_work'}",
            "--set", "init_unet=null")  # from scratch: the config's warm start is a run folder of its own recipe
     _vilex("toy", "pretrain-siglip", "--config", "configs/toy/siglip.yaml", "--out", str(assets / "siglip"),
-           "--set", "train.steps=2", "--set", f"work_dir={tmp_path / 'siglip_work'}")
+           "--set", "train.max_steps=2", "--set", f"work_dir={tmp_path / 'siglip_work'}")
     _vilex("toy", "train-probe", "--config", "configs/toy/probe.yaml", "--out", str(assets / "probe"),
-           "--set", "train.steps=2", "--set", "eval_scenes=16", "--set", f"work_dir={tmp_path / 'probe_work'}")
+           "--set", "train.max_steps=2", "--set", "eval_scenes=16", "--set", f"work_dir={tmp_path / 'probe_work'}")
     _vilex("toy", "pretrain-llm", "--config", "configs/toy/llm.yaml", "--out", str(assets / "llm"),
            "--set", "model.width=32", "--set", "model.layers=1", "--set", "model.heads=2", "--set", "model.kv_heads=1",
-           "--set", "model.intermediate=64", "--set", "tokenizer.corpus_steps=4", "--set", "data.scenes_per_step=6",
-           "--set", "train.steps=2", "--set", "train.warmup_steps=1", "--set", "eval_scenes=6",
+           "--set", "model.intermediate=64", "--set", "tokenizer.corpus_steps=4", "--set", "train.global_batch_size=6",
+           "--set", "train.max_steps=2", "--set", "train.warmup_steps=1", "--set", "eval_scenes=6",
            "--set", "eval_questions=6", "--set", f"work_dir={tmp_path / 'llm_work'}")
     out = tmp_path / "demo"
     _vilex("demo", "--out", str(out), "--n", "120", "--short-steps", "3", "--eval-scenes", "6", "--vlm-steps", "3",

@@ -18,7 +18,7 @@ TINY_DECODER = [
     "--set", "unet.down_block_types=[DownBlock2D,CrossAttnDownBlock2D]",
     "--set", "unet.up_block_types=[CrossAttnUpBlock2D,UpBlock2D]",
     "--set", "text_encoder.width=32", "--set", "text_encoder.layers=1",
-    "--set", "train.batch_size=4", "--set", "train.num_workers=0", "--set", "train.log_every=1",
+    "--set", "train.global_batch_size=4", "--set", "train.num_workers=0", "--set", "train.log_every=1",
     "--set", "train.bf16=false", "--set", "train.threads=1",
     "--set", "gate.n_scenes=4", "--set", "gate.ddim_steps=2", "--set", "gate.grid_images=4",
 ]
@@ -28,7 +28,7 @@ TINY_DECODER = [
 def tiny_probe(tmp_path_factory):
     folder = tmp_path_factory.mktemp("probe") / "probe"
     code = main(["toy", "train-probe", "--out", str(folder), "--set", f"work_dir={folder.parent / 'work'}",
-                 "--set", "train.steps=2", "--set", "train.batch_size=4",
+                 "--set", "train.max_steps=2", "--set", "train.global_batch_size=4",
                  "--set", "train.num_workers=0", "--set", "train.threads=1", "--set", "eval_scenes=8",
                  "--set", "model.channels=[8,16]", "--set", "model.hidden=16", "--set", "model.image_size=16"])
     assert code == 0
@@ -120,7 +120,7 @@ def test_train_probe_writes_a_loadable_probe_with_a_recipe(tiny_probe):
     assert probe.config.image_size == 16 and probe.labels["count"] == ["1", "2", "3"]
     recipe = read_recipe(tiny_probe)
     assert set(RECIPE_KEYS) <= set(recipe) and recipe["asset"] == "probe" and recipe["seed"] == 0
-    assert recipe["config"]["train"]["steps"] == 2
+    assert recipe["config"]["train"]["max_steps"] == 2
     heldout = recipe["metrics"]["heldout"]
     assert heldout["all"]["n"] == 8 and 0.0 <= heldout["all"]["background_accuracy"] <= 1.0
     assert heldout["chance"]["cell_accuracy"] == round(1 / 9, 4)
@@ -158,7 +158,7 @@ def test_pretrain_decoder_writes_a_pixel_unet_folder_that_vilex_loads(tmp_path, 
     from toy.decoder_model import encode_prompts
 
     out = tmp_path / "decoder"
-    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, out, "--set", "train.steps=3",
+    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, out, "--set", "train.max_steps=3",
                         "--set", "train.device=auto") == 0
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model_index.json", "recipe.json", "samples.png",
                                                       "scheduler", "text_encoder", "tokenizer", "train_log.jsonl",
@@ -203,7 +203,7 @@ def test_pretrain_decoder_writes_a_pixel_unet_folder_that_vilex_loads(tmp_path, 
 def test_pretrain_decoder_resume_continues_from_the_saved_step(tmp_path, toy_tokenizer, tiny_probe):
     from safetensors.torch import load_file
 
-    steps = ["--set", "train.steps=4", "--set", "train.checkpoint_every=2", "--set", "gate.enabled=false"]
+    steps = ["--set", "train.max_steps=4", "--set", "train.checkpoint_every=2", "--set", "gate.enabled=false"]
     assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, tmp_path / "straight", *steps) == 0
     ckpts = tmp_path / "work" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-2", "checkpoint-4"]
@@ -226,12 +226,12 @@ def test_warm_start_fine_tune_loads_the_unet_and_scales_the_text_encoder_lr(tmp_
 
     no_gate = ["--set", "gate.enabled=false"]
     first = tmp_path / "first"
-    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, first, "--set", "train.steps=2", *no_gate) == 0
+    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, first, "--set", "train.max_steps=2", *no_gate) == 0
     start_unet = load_file(str(first / "unet" / "diffusion_pytorch_model.safetensors"))
     start_te = load_file(str(first / "text_encoder" / "model.safetensors"))
 
     tuned = tmp_path / "tuned"
-    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, tuned, "--set", "train.steps=2", *no_gate,
+    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, tuned, "--set", "train.max_steps=2", *no_gate,
                         "--set", f"work_dir={tmp_path / 'work2'}", "--set", f"init_unet={first}",
                         "--set", f"text_encoder.pretrained={first / 'text_encoder'}",
                         "--set", "text_encoder.trainable=true", "--set", "text_encoder.lr_scale=1e-20",
@@ -246,7 +246,7 @@ def test_warm_start_fine_tune_loads_the_unet_and_scales_the_text_encoder_lr(tmp_
 
     # a warm start from a UNet of another shape is refused in one line
     capsys.readouterr()
-    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, tmp_path / "bad", "--set", "train.steps=1", *no_gate,
+    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, tmp_path / "bad", "--set", "train.max_steps=1", *no_gate,
                         "--set", f"init_unet={first}", "--set", "unet.block_out_channels=[16,32]") == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith(f"error: init_unet {first}: its UNet differs")
@@ -267,7 +267,7 @@ def test_pretrain_decoder_on_a_missing_cuda_device_fails_in_one_line(tmp_path, t
 
 
 # ----------------------------------------------------------------------------- siglip
-TINY_SIGLIP = ["--set", "train.steps=3", "--set", "train.batch_size=6", "--set", "train.num_workers=0",
+TINY_SIGLIP = ["--set", "train.max_steps=3", "--set", "train.global_batch_size=6", "--set", "train.num_workers=0",
                "--set", "train.threads=1", "--set", "vision.width=32", "--set", "vision.layers=1",
                "--set", "vision.image_size=16", "--set", "text.width=32", "--set", "text.layers=1",
                "--set", "eval_scenes=12", "--set", "train.log_every=1"]
@@ -308,7 +308,7 @@ def test_pretrained_frozen_text_encoder_is_what_the_decoder_ships(tmp_path, toy_
     assert main(["toy", "pretrain-text-encoder", "--out", str(te), "--set", f"tokenizer={toy_tokenizer}",
                  "--set", f"work_dir={tmp_path / 'te_work'}",
                  "--set", f"image_tower={tiny_siglip}", "--set", "text_encoder.width=32",
-                 "--set", "text_encoder.layers=1", "--set", "train.steps=3", "--set", "train.batch_size=6",
+                 "--set", "text_encoder.layers=1", "--set", "train.max_steps=3", "--set", "train.global_batch_size=6",
                  "--set", "train.num_workers=0", "--set", "train.log_every=1", "--set", "eval_scenes=12"]) == 0
     recipe = read_recipe(te)
     assert recipe["metrics"]["steps_done"] == 3 and recipe["metrics"]["retrieval_heldout"]["fine_captions"]["n"] == 12
@@ -318,7 +318,7 @@ def test_pretrained_frozen_text_encoder_is_what_the_decoder_ships(tmp_path, toy_
     assert not any(k.startswith("head") for k in start) and (te / "head.safetensors").is_file()
 
     out = tmp_path / "decoder"
-    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, out, "--set", "train.steps=2",
+    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, out, "--set", "train.max_steps=2",
                         "--set", "gate.enabled=false", "--set", f"text_encoder.pretrained={te}",
                         "--set", "text_encoder.trainable=false") == 0
     shipped = load_file(str(out / "text_encoder" / "model.safetensors"))
@@ -326,7 +326,7 @@ def test_pretrained_frozen_text_encoder_is_what_the_decoder_ships(tmp_path, toy_
 
     # a pretrained encoder of another size is refused in one line, before training
     capsys.readouterr()
-    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, tmp_path / "bad", "--set", "train.steps=1",
+    assert _run_decoder(tmp_path, toy_tokenizer, tiny_probe, tmp_path / "bad", "--set", "train.max_steps=1",
                         "--set", f"text_encoder.pretrained={te}", "--set", "text_encoder.width=64",
                         "--set", "text_encoder.heads=2") == 2
     err = capsys.readouterr().err.strip()
@@ -338,12 +338,12 @@ def test_text_encoder_continues_a_pretrained_one_with_the_attribute_and_swap_mar
     from safetensors.torch import load_file
 
     common = ["--set", f"tokenizer={toy_tokenizer}", "--set", f"image_tower={tiny_siglip}",
-              "--set", "text_encoder.width=32", "--set", "text_encoder.layers=1", "--set", "train.batch_size=6",
+              "--set", "text_encoder.width=32", "--set", "text_encoder.layers=1", "--set", "train.global_batch_size=6",
               "--set", "train.num_workers=0", "--set", "train.log_every=1", "--set", "eval_scenes=12"]
     first, second = tmp_path / "te1", tmp_path / "te2"
-    assert main(["toy", "pretrain-text-encoder", "--out", str(first), *common, "--set", "train.steps=2",
+    assert main(["toy", "pretrain-text-encoder", "--out", str(first), *common, "--set", "train.max_steps=2",
                  "--set", f"work_dir={tmp_path / 'work1'}"]) == 0
-    assert main(["toy", "pretrain-text-encoder", "--out", str(second), *common, "--set", "train.steps=2",
+    assert main(["toy", "pretrain-text-encoder", "--out", str(second), *common, "--set", "train.max_steps=2",
                  "--set", f"work_dir={tmp_path / 'work2'}",
                  "--set", f"text_encoder.pretrained={first}", "--set", "train.attribute_weight=1.0",
                  "--set", "train.swap_margin=0.5", "--set", "train.sensitivity_every=1"]) == 0

@@ -24,18 +24,18 @@ def tiny_siglip(tmp_path_factory, toy_tokenizer):
 
 
 def _siglip_sets(tokenizer):
-    return [f"tokenizer={tokenizer}", "train.batch_size=6", "train.num_workers=0", "vision.width=32",
+    return [f"tokenizer={tokenizer}", "train.global_batch_size=6", "train.num_workers=0", "vision.width=32",
             "vision.layers=1", "vision.image_size=16", "text.width=32", "text.layers=1", "eval_scenes=8"]
 
 
 def _trainer(name, tokenizer, siglip, work, *extra):
     """(trainer instance) for one of the stage-0 trainers, tiny, writing checkpoints under ``work``."""
-    common = [f"work_dir={work}", f"train.steps={STEPS}", "train.log_every=1", "train.warmup_steps=1", *extra]
+    common = [f"work_dir={work}", f"train.max_steps={STEPS}", "train.log_every=1", "train.warmup_steps=1", *extra]
     if name == "probe":
         from toy.probe import ProbeConfig, ProbeTrainer
 
         return ProbeTrainer(load_config(ProbeConfig, REPO / "configs/toy/probe.yaml", [
-            "train.batch_size=4", "train.num_workers=0", "model.channels=[8,16]", "model.hidden=16",
+            "train.global_batch_size=4", "train.num_workers=0", "model.channels=[8,16]", "model.hidden=16",
             "model.image_size=16", *common]))
     if name == "siglip":
         from toy.pretrain_siglip import SiglipPretrainConfig, SiglipTrainer
@@ -47,7 +47,7 @@ def _trainer(name, tokenizer, siglip, work, *extra):
 
         return TextEncoderTrainer(load_config(TextEncoderPretrainConfig, REPO / "configs/toy/text_encoder.yaml", [
             f"tokenizer={tokenizer}", f"image_tower={siglip}", "text_encoder.pretrained=null",
-            "text_encoder.width=32", "text_encoder.layers=1", "train.batch_size=6", "train.num_workers=0", *common]))
+            "text_encoder.width=32", "text_encoder.layers=1", "train.global_batch_size=6", "train.num_workers=0", *common]))
     if name == "decoder":
         from toy.pretrain_decoder import DecoderPretrainConfig, DecoderTrainer
 
@@ -55,13 +55,13 @@ def _trainer(name, tokenizer, siglip, work, *extra):
             f"tokenizer={tokenizer}", "init_unet=null", "text_encoder.pretrained=null", "text_encoder.width=32",
             "text_encoder.layers=1", "unet.block_out_channels=[16,16]", "unet.norm_num_groups=8",
             "unet.down_block_types=[DownBlock2D,CrossAttnDownBlock2D]",
-            "unet.up_block_types=[CrossAttnUpBlock2D,UpBlock2D]", "image_size=16", "train.batch_size=4",
+            "unet.up_block_types=[CrossAttnUpBlock2D,UpBlock2D]", "image_size=16", "train.global_batch_size=4",
             "train.num_workers=0", "gate.enabled=false", *common]))
     from toy.pretrain_llm import LLMPretrainConfig, LLMTrainer
 
     return LLMTrainer(load_config(LLMPretrainConfig, REPO / "configs/toy/llm.yaml", [
         "model.width=32", "model.layers=1", "model.heads=2", "model.kv_heads=1", "model.intermediate=64",
-        "tokenizer.corpus_steps=4", "data.scenes_per_step=6", "train.pack_length=256", *common]),
+        "tokenizer.corpus_steps=4", "train.global_batch_size=6", "train.pack_length=256", *common]),
         work.parent / f"{work.name}_tokenizer")
 
 

@@ -16,7 +16,7 @@ REAL = ["qwen2.5-7b_siglip-so400m.yaml", "qwen2.5-7b_vilex.yaml", "qwen2.5-7b_vi
 
 
 @pytest.mark.parametrize("name", REAL)
-def test_real_scale_configs_follow_the_llava_recipe(name):
+def test_real_scale_configs_follow_the_llava_recipe(name, capsys):
     cfg = load_config(VLMConfig, REPO / "configs" / "vlm" / name)
     assert cfg.model.llm.name_or_path == "Qwen/Qwen2.5-7B-Instruct" and cfg.model.projector.type == "mlp2x_gelu"
     assert cfg.model.tower.type == {"qwen2.5-7b_siglip-so400m.yaml": "siglip", "qwen2.5-7b_vilex.yaml": "vilex",
@@ -35,8 +35,14 @@ def test_real_scale_configs_follow_the_llava_recipe(name):
                                                      "weight_decay": stage.weight_decay})
         assert ds["zero_optimization"]["stage"] == zero and ds["train_batch_size"] == stage.global_batch_size
     assert cfg.output_dir.name == name.removesuffix(".yaml")
+    # nothing real is here: the dry run names each missing input and still plans the batch for 8 GPUs
     assert vilex_main(["train-vlm", "--config", str(REPO / "configs" / "vlm" / name), "--stage", "instruct",
-                       "--dry-run"]) == 0
+                       "--dry-run", "--processes", "8"]) == 2
+    out = capsys.readouterr().out
+    assert "128 samples = 16 micro × 1 accumulation × 8 processes" in out
+    problems = out.split("problem(s); the run would stop:")[1]
+    assert "Qwen/Qwen2.5-7B-Instruct' is neither a local folder nor a model in the local Hugging Face cache" in problems
+    assert "conversation file not found: data/llava/" in problems
 
 
 def test_real_scale_shapes_on_meta_device():
@@ -59,9 +65,11 @@ def test_real_scale_shapes_on_meta_device():
 def test_tiny_config_loads_and_dry_runs(capsys):
     cfg = load_config(VLMConfig, REPO / "configs" / "vlm" / "tiny.yaml")
     assert (cfg.align.precision, cfg.align.strategy, cfg.align.global_batch_size) == ("fp32", "torch", 4)
+    # its inputs are built by vlm/tiny.py (tests/test_dry_run.py dry-runs it on them): here they are missing
     assert vilex_main(["train-vlm", "--config", str(REPO / "configs" / "vlm" / "tiny.yaml"), "--stage", "align",
-                       "--dry-run", "--set", "align.lr=0.5"]) == 0
-    assert "lr: 0.5" in capsys.readouterr().out
+                       "--dry-run", "--set", "align.lr=0.5"]) == 2
+    out = capsys.readouterr().out
+    assert "2 samples" not in out and "runs/tiny-vlm/align/data.json" in out
 
 
 def test_the_stage_names_have_one_definition():

@@ -66,8 +66,8 @@ log = logging.getLogger(__name__)
 class DecoderTrainSpec(Stage0TrainSpec):
     """Optimisation, data mix, checkpointing."""
 
-    steps: int = cfg_field(4000, ge=1)
-    batch_size: int = cfg_field(32, ge=1)
+    max_steps: int = cfg_field(4000, ge=1, help="optimizer steps")
+    global_batch_size: int = cfg_field(32, ge=1, help="scenes per optimizer step")
     warmup_steps: int = cfg_field(200, ge=0)
     ema_decay: float = cfg_field(0.999, gt=0, lt=1)
     caption_dropout: float = cfg_field(0.1, ge=0, le=1, help="share of empty prompts (for CFG)")
@@ -156,15 +156,16 @@ class DecoderTrainer(Stage0Trainer):
 
     def batches(self, state: RunState) -> Iterator[Any]:
         spec = self.cfg.train
-        return self.scene_batches(state, spec.batch_size, self.cfg.image_size, spec.num_workers,
+        return self.scene_batches(state, self.cfg.image_size, spec.num_workers,
                                   {"max_objects": spec.max_objects})
 
     def micro_step(self, batch: Any) -> torch.Tensor:
         step_index, images_u8, scenes = batch
+        draw = step_index * batch.parts + batch.part  # the step itself when there is no accumulation
         spec, device = self.cfg.train, self.device
         x0 = images_to_unit_range(images_u8)
-        prompts = choose_captions(scenes, self.seed, step_index, spec)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step_index)
+        prompts = choose_captions(scenes, self.seed, draw, spec)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + draw)
         noise = torch.randn(x0.shape, generator=gen)
         t = sample_timesteps(x0.shape[0], self.cfg.noise.num_train_timesteps, spec, gen)
         x0, noise, t = x0.to(device), noise.to(device), t.to(device)
@@ -204,7 +205,7 @@ def pretrain_decoder(cfg: DecoderPretrainConfig, out: str | Path, resume: str | 
     n_params = {"unet": sum(p.numel() for p in unet.parameters()),
                 "text_encoder": sum(p.numel() for p in text_encoder.parameters())}
     log.info("decoder: unet %.2fM params, text encoder %.2fM params; %d steps of batch %d, on %s",
-             n_params["unet"] / 1e6, n_params["text_encoder"] / 1e6, cfg.train.steps, cfg.train.batch_size,
+             n_params["unet"] / 1e6, n_params["text_encoder"] / 1e6, cfg.train.max_steps, cfg.train.global_batch_size,
              trainer.device)
     summary = trainer.train(resume)
     trainer.use_ema_weights()

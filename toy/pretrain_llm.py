@@ -36,7 +36,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence, Union
+from typing import Any, ClassVar, Iterator, Literal, Sequence, Union
 
 import numpy as np
 import torch
@@ -81,7 +81,9 @@ class LLMModelSpec:
 
 @dataclass
 class LLMDataSpec:
-    scenes_per_step: int = cfg_field(24, ge=1, help="scenes whose documents form one training step")
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        "scenes_per_step": "set train.global_batch_size (scenes whose documents form one optimizer step)"}
+
     caption_docs: int = cfg_field(1, ge=0, le=2, help="plain captions per scene: 0, 1 (coarse or fine) or 2 (both)")
     chat_loss: Literal["assistant", "all"] = cfg_field(
         "assistant", help="ChatML documents learn their assistant turns only (as the instruct template) or all")
@@ -91,7 +93,9 @@ class LLMDataSpec:
 
 @dataclass
 class LLMTrainSpec(Stage0TrainSpec):
-    steps: int = cfg_field(600, ge=1)
+    max_steps: int = cfg_field(600, ge=1, help="optimizer steps")
+    global_batch_size: int = cfg_field(24, ge=1, help="scenes whose documents form one optimizer step (a "
+                                                      "micro-batch is a share of those documents)")
     lr: float = cfg_field(3e-3, gt=0)
     warmup_steps: int = cfg_field(30, ge=0)
     min_lr_ratio: float = cfg_field(0.05, ge=0, le=1)
@@ -133,11 +137,11 @@ def scene_documents(scene: world.Scene, rng: np.random.Generator, spec: LLMDataS
     return docs
 
 
-def step_documents(seed: int, step: int, spec: LLMDataSpec) -> list[Document]:
-    """Documents of training step ``step`` (a pure function of seed and step)."""
+def step_documents(seed: int, step: int, scenes: int, spec: LLMDataSpec) -> list[Document]:
+    """Documents of the ``scenes`` scenes of training step ``step`` (a pure function of seed and step)."""
     rng = toy_rng(seed, Stream.TRAIN, step)
     docs: list[Document] = []
-    for _ in range(spec.scenes_per_step):
+    for _ in range(scenes):
         docs += scene_documents(world.sample_scene(rng), rng, spec)
     return docs
 
@@ -159,7 +163,7 @@ def build_toy_llm_tokenizer(cfg: LLMPretrainConfig, folder: str | Path) -> Any:
 
     render = _template_renderer()
     corpus = [d if isinstance(d, str) else render(d)
-              for s in range(cfg.tokenizer.corpus_steps) for d in step_documents(cfg.seed, s, cfg.data)]
+              for s in range(cfg.tokenizer.corpus_steps) for d in step_documents(cfg.seed, s, cfg.train.global_batch_size, cfg.data)]
     tok = build_tiny_tokenizer(folder, vocab_size=cfg.tokenizer.vocab_size, corpus=corpus)
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]
     if tok.apply_chat_template(probe, tokenize=False) != render(probe):
@@ -287,9 +291,12 @@ class LLMTrainer(Stage0Trainer):
         self.collate = Collator(self.tokenizer.pad_token_id, packing=True, row_length=cfg.train.pack_length)
 
     def batches(self, state: RunState) -> Iterator[Any]:
-        for step_index in range(state.step, self.cfg.train.steps):
-            docs = step_documents(self.seed, step_index, self.cfg.data)
-            yield self.collate(_examples(self.tokenizer, docs, self.cfg.data.chat_loss))
+        for step_index in range(state.step, self.cfg.train.max_steps):
+            docs = step_documents(self.seed, step_index, self.cfg.train.global_batch_size, self.cfg.data)
+            parts = self.batch.grad_accum  # accumulation: the step's documents in that many near-equal shares
+            for part in range(parts):
+                share = docs[len(docs) * part // parts: len(docs) * (part + 1) // parts]
+                yield self.collate(_examples(self.tokenizer, share, self.cfg.data.chat_loss))
 
     def micro_step(self, batch: Any) -> torch.Tensor:
         loss, self._tokens = lm_loss(self.model, batch)
@@ -307,8 +314,8 @@ def pretrain_llm(cfg: LLMPretrainConfig, out: str | Path, resume: str | None = N
         model, tokenizer = trainer.model, trainer.tokenizer
         n_params = sum(p.numel() for p in model.parameters())
         log.info("tokenizer: %d tokens (merges learned on %d steps of documents); toy LLM: %.3fM params; %d steps "
-                 "of %d scenes", len(tokenizer), cfg.tokenizer.corpus_steps, n_params / 1e6, cfg.train.steps,
-                 cfg.data.scenes_per_step)
+                 "of %d scenes", len(tokenizer), cfg.tokenizer.corpus_steps, n_params / 1e6, cfg.train.max_steps,
+                 cfg.train.global_batch_size)
         summary = trainer.train(resume)
         metrics = {
             "heldout": heldout_loss(model, tokenizer, cfg, trainer.collate),

@@ -82,10 +82,11 @@ class SiglipTextSpec:
 
 @dataclass
 class SiglipTrainSpec(Stage0TrainSpec):
-    steps: int = cfg_field(2000, ge=1)
+    max_steps: int = cfg_field(2000, ge=1, help="optimizer steps")
     min_lr_ratio: float = cfg_field(0.05, ge=0, le=1)
     weight_decay: float = cfg_field(1e-4, ge=0)
-    batch_size: int = cfg_field(128, ge=2)
+    global_batch_size: int = cfg_field(128, ge=2, help="scenes per optimizer step (all in one forward: the "
+                                                        "sigmoid loss's negatives are the batch's other captions)")
     fine_caption_prob: float = cfg_field(0.5, ge=0, le=1)
     bf16: bool = cfg_field(True)
     num_workers: int = cfg_field(1, ge=0)
@@ -205,6 +206,7 @@ class SiglipTrainer(Stage0Trainer):
     """SigLIP's sigmoid loss on fresh scenes, each paired with its coarse or fine caption."""
 
     name = "pretrain-siglip"
+    accumulates = False  # the sigmoid loss's negatives are the batch's other captions
 
     def __init__(self, cfg: SiglipPretrainConfig) -> None:
         super().__init__(cfg, bf16=cfg.train.bf16)
@@ -213,7 +215,7 @@ class SiglipTrainer(Stage0Trainer):
         self.prepare(self.model, decay_groups(self.model, cfg.train.lr, cfg.train.weight_decay))
 
     def batches(self, state: RunState) -> Iterator[Any]:
-        return self.scene_batches(state, self.cfg.train.batch_size, self.cfg.vision.image_size,
+        return self.scene_batches(state, self.cfg.vision.image_size,
                                   self.cfg.train.num_workers)
 
     def micro_step(self, batch: Any) -> torch.Tensor:
@@ -236,7 +238,7 @@ def pretrain_siglip(cfg: SiglipPretrainConfig, out: str | Path, resume: str | No
     trainer = SiglipTrainer(cfg)
     model, tokenizer = trainer.model, trainer.tokenizer
     log.info("siglip: %.2fM params; %d steps of batch %d", sum(p.numel() for p in model.parameters()) / 1e6,
-             cfg.train.steps, cfg.train.batch_size)
+             cfg.train.max_steps, cfg.train.global_batch_size)
     summary = trainer.train(resume)
     metrics = {
         "retrieval_heldout": evaluate_siglip(model, tokenizer, cfg.seed, cfg.eval_scenes, cfg.vision.image_size,

@@ -67,11 +67,12 @@ SWAP_KINDS: tuple[str, ...] = ("background", "colour", "shape", "position")
 
 @dataclass
 class TextEncoderTrainSpec(Stage0TrainSpec):
-    steps: int = cfg_field(1500, ge=1)
+    max_steps: int = cfg_field(1500, ge=1, help="optimizer steps")
     min_lr_ratio: float = cfg_field(0.05, ge=0, le=1)
     weight_decay: float = cfg_field(1e-4, ge=0)
     threads: int = cfg_field(1, ge=1)
-    batch_size: int = cfg_field(128, ge=2)
+    global_batch_size: int = cfg_field(128, ge=2, help="scenes per optimizer step (all in one forward: the "
+                                                        "contrastive loss's negatives are the batch's other captions)")
     fine_caption_prob: float = cfg_field(0.5, ge=0, le=1)
     hard_negatives: int = cfg_field(1, ge=0, help="per image caption, this many copies with ONE word swapped "
                                                   "(background, object colour, shape or position) as negatives")
@@ -256,6 +257,7 @@ class TextEncoderTrainer(Stage0Trainer):
     and swap-margin losses)."""
 
     name = "pretrain-text-encoder"
+    accumulates = False  # the contrastive loss's negatives are the batch's other captions
 
     def __init__(self, cfg: TextEncoderPretrainConfig) -> None:
         super().__init__(cfg)
@@ -268,7 +270,7 @@ class TextEncoderTrainer(Stage0Trainer):
         self.parts: dict[str, float] = {}
 
     def batches(self, state: RunState) -> Iterator[Any]:
-        return self.scene_batches(state, self.cfg.train.batch_size, self.image_size, self.cfg.train.num_workers)
+        return self.scene_batches(state, self.image_size, self.cfg.train.num_workers)
 
     def micro_step(self, batch: Any) -> torch.Tensor:
         step_index, images_u8, scenes = batch
@@ -315,7 +317,7 @@ def pretrain_text_encoder(cfg: TextEncoderPretrainConfig, out: str | Path, resum
     trainer = TextEncoderTrainer(cfg)
     model, tokenizer, tower = trainer.model, trainer.tokenizer, trainer.tower
     log.info("text encoder: %.2fM params; %d steps of batch %d (+%d hard negatives each) against frozen %s",
-             sum(p.numel() for p in model.text_encoder.parameters()) / 1e6, cfg.train.steps, cfg.train.batch_size,
+             sum(p.numel() for p in model.text_encoder.parameters()) / 1e6, cfg.train.max_steps, cfg.train.global_batch_size,
              cfg.train.hard_negatives, cfg.image_tower)
     before = word_sensitivity(model.text_encoder, tokenizer, cfg.seed)
     summary = trainer.train(resume)

@@ -227,11 +227,11 @@ def chance_levels(labels: dict[str, list[str]]) -> dict[str, float]:
 class ProbeTrainConfig(Stage0TrainSpec):
     """How the probe is trained (optimisation and data)."""
 
-    steps: int = cfg_field(2500, ge=1)
+    max_steps: int = cfg_field(2500, ge=1, help="optimizer steps")
     lr: float = cfg_field(2e-3, gt=0)
     grad_clip: float | None = cfg_field(None, gt=0, help="max global grad norm (null = no clipping)")
     log_every: int = cfg_field(50, ge=1)
-    batch_size: int = cfg_field(64, ge=1)
+    global_batch_size: int = cfg_field(64, ge=1, help="scenes per optimizer step")
     noise_std_max: float = cfg_field(0.08, ge=0, help="per-image Gaussian pixel noise std ~ U(0, this), [-1,1] units")
     center_weight: float = cfg_field(10.0, ge=0)
     num_workers: int = cfg_field(1, ge=0, help="DataLoader workers rendering scenes (0 = in this process)")
@@ -271,7 +271,7 @@ class ProbeTrainer(Stage0Trainer):
         self.noise_gen = torch.Generator().manual_seed(cfg.seed)  # stateful: its state is part of a checkpoint
 
     def batches(self, state: RunState) -> Iterator[Any]:
-        return self.scene_batches(state, self.cfg.train.batch_size, self.cfg.model.image_size,
+        return self.scene_batches(state, self.cfg.model.image_size,
                                   self.cfg.train.num_workers, {"max_objects": self.cfg.model.max_objects})
 
     def micro_step(self, batch: Any) -> torch.Tensor:

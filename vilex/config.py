@@ -7,6 +7,11 @@ and value against it and fails with ONE line that names the key:
 * wrong type       -> ``train.lr: expected float, got 'abc' (str)``
 * out of range     -> ``train.lr: must be > 0, got -1.0``
 * missing file     -> ``data.root: file or folder not found: /nope``
+* retired key      -> ``'train.grad_accum' is no longer a key: set train.global_batch_size …``
+
+A dataclass lists the keys it no longer has in a ``RETIRED_KEYS`` class attribute (old name -> what to set
+instead; ``{section}`` in the text is the section's dotted path), so a config written for an older vocabulary
+fails in one line that names the new key.
 
 Field options live in ``dataclasses.field(metadata=...)`` via the helpers ``range_``,
 ``choices`` and ``must_exist`` so the schema stays readable in one screen.
@@ -171,7 +176,11 @@ def from_dict(cls: type[T], data: typing.Mapping[str, Any], prefix: str = "") ->
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {_describe(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    retired = getattr(cls, "RETIRED_KEYS", {})
     for k in data:
+        if k not in fields and k in retired:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            raise ConfigError(f"'{where}' is no longer a key: {retired[k].format(section=prefix or 'config')}")
         if k not in fields:
             close = difflib.get_close_matches(str(k), list(fields), n=1, cutoff=0.5)
             where = f"{prefix}.{k}" if prefix else str(k)

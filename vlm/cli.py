@@ -12,31 +12,43 @@ from __future__ import annotations
 import argparse
 import json
 
-from vilex.cli.main import add_config_args, command
+from vilex.cli.main import add_config_args, add_dry_run_args, command
 from vlm.config import STAGE_ORDER
 
 
+# shown by `vilex train-vlm --help`; tests/test_cli_help_examples.py parses each line
+TRAIN_EXAMPLES = """\
+examples:
+  vilex train-vlm --config configs/vlm/qwen2.5-7b_vilex.yaml --stage align --dry-run --processes 8
+  vilex train-vlm --config configs/vlm/qwen2.5-7b_vilex.yaml --stage instruct --resume auto
+  vilex train-vlm --config configs/vlm/tiny.yaml --stage align --set align.max_steps=4
+
+On N GPUs / nodes: scripts/launch.sh N train-vlm --config ... --stage ... (see its header).
+"""
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
+    p.epilog = TRAIN_EXAMPLES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_config_args(p, "align.lr=1e-4", required=True)
     p.add_argument("--stage", required=True, choices=STAGE_ORDER, help="which stage of the recipe to run")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="'auto' = latest checkpoint of this stage (fresh start if none); or a checkpoint folder")
-    p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, and exit")
+    add_dry_run_args(p)
 
 
 @command("train-vlm", help="Stage 2: train the LLaVA-style VLM (align, instruct or full stage)")(_train_args)
 def _train(args: argparse.Namespace) -> int:
-    from vilex.config import load_config, to_dict
+    from vilex.config import load_config
     from vilex.train import distributed as D
     from vlm.config import VLMConfig
 
     cfg = load_config(VLMConfig, args.config, args.overrides)
     cfg.stage(args.stage)  # a missing stage section is an error before anything loads
     if args.dry_run:
-        import yaml
+        from vlm.dry_run import plan_vlm
 
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        return 0
+        return plan_vlm(cfg, args.stage, args.resume, args.processes).report()
     from vlm.train import train_vlm
 
     summary = train_vlm(cfg, args.stage, resume=args.resume)

@@ -26,6 +26,7 @@ from typing import Literal, Optional
 
 from vilex.config import cfg_field
 from vilex.errors import ConfigError
+from vilex.train.batching import BatchSchedule
 from vilex.train.config import LogConfig
 
 Component = Literal["projector", "llm", "tower"]
@@ -105,7 +106,12 @@ class ConversationDataConfig:
 
 
 @dataclass
-class StageConfig:
+class StageConfig(BatchSchedule):
+    """One stage: steps and batch (the shared vocabulary: vilex/train/batching.py; a batch counts samples), its
+    data, what it trains and its optimisation."""
+
+    max_steps: Optional[int] = cfg_field(None, ge=1, help="stop after this many steps (None = the epochs' steps)")
+    global_batch_size: int = cfg_field(256, ge=1, help="samples per optimizer step over all processes")
     data: ConversationDataConfig = field(default_factory=ConversationDataConfig)
     trainable: Optional[list[Component]] = cfg_field(None, help="override the stage's default trainable components")
     init_from: Optional[str] = cfg_field(None, help="'previous' | a checkpoint/run folder | None: start weights")
@@ -117,10 +123,7 @@ class StageConfig:
     warmup_ratio: float = cfg_field(0.03, ge=0, lt=1)
     min_lr_ratio: float = cfg_field(0.0, ge=0, le=1)
     grad_clip: Optional[float] = cfg_field(1.0, gt=0)
-    global_batch_size: int = cfg_field(256, ge=1, help="samples per optimizer step over all processes")
-    micro_batch_size: int = cfg_field(16, ge=1, help="samples per process per forward")
-    epochs: int = cfg_field(1, ge=1)
-    max_steps: Optional[int] = cfg_field(None, ge=1, help="stop after this many steps (None = the epochs' steps)")
+    epochs: int = cfg_field(1, ge=1, help="passes over the data (the step count when max_steps is null)")
     strategy: Literal["torch", "deepspeed"] = "torch"
     deepspeed_config: Optional[Path] = cfg_field(None, help="configs/deepspeed/*.json (strategy: deepspeed)")
     precision: Literal["fp32", "bf16"] = "bf16"
@@ -141,7 +144,7 @@ class StageConfig:
                               f"({self.data.max_length})")
         if self.strategy == "deepspeed" and self.deepspeed_config is None:
             raise ConfigError("deepspeed_config is required with strategy: deepspeed")
-        if self.global_batch_size % self.micro_batch_size:
+        if self.micro_batch_size is not None and self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"global_batch_size ({self.global_batch_size}) must be a multiple of "
                               f"micro_batch_size ({self.micro_batch_size})")
 

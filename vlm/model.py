@@ -43,7 +43,8 @@ from vlm import varlen_attention  # noqa: F401  (registers attn_implementation "
 from vlm.config import STAGE_TRAINS, VLMModelConfig  # noqa: F401  (STAGE_TRAINS is re-exported here)
 from vlm.projector import Projectors, build_projectors, check_compatible, read_projector_folder, save_projectors
 from vlm.templates import IGNORE, Turn, build_template
-from vlm.towers import build_tower, enable_activation_checkpointing, load_saved_tower
+from vilex.models.towers import enable_activation_checkpointing
+from vlm.towers import build_tower, load_saved_tower
 
 log = logging.getLogger(__name__)
 

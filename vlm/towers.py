@@ -35,6 +35,7 @@ from torch import nn
 
 from vilex.errors import UserError
 from vilex.models.registry import load_pretrained
+from vilex.models.towers import enable_activation_checkpointing
 from vilex.registry import Registry
 from vlm.config import TowerConfig
 
@@ -47,15 +48,6 @@ VILEX_TOKEN_GROUP = "vilex_tokens"
 VIT_SUBFOLDER = "vit"  # the SiglipVisionModel inside a stage-1 checkpoint (and inside a saved vilex_tokens tower)
 POOLER_SUBFOLDER = "pooler"
 TOWER_META = "vlm_tower.json"
-
-
-def enable_activation_checkpointing(model: Any) -> None:
-    """Non-reentrant activation checkpointing of an HF model (works with frozen inputs; the API renamed in 5.x)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:  # pragma: no cover - transformers before the rename
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _hidden_index(feature_layer: int, num_layers: int) -> int:

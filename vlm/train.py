@@ -41,6 +41,7 @@ from vilex.errors import ConfigError, UserError
 from vilex.train import distributed as D
 from vilex.train.common import NonFiniteLossError  # noqa: F401 (re-exported for callers)
 from vilex.train.common import rng_state, seed_everything, set_rng_state, sum_over_ranks
+from vilex.train.batching import plan_batches
 from vilex.train.run_loop import LoopSettings, RunLoop, RunState, TrainTask
 from vilex.train.strategy import STRATEGIES, Strategy, warmup_cosine
 from vlm.config import STAGE_ORDER, StageConfig, VLMConfig, template_for
@@ -107,15 +108,11 @@ class VLMTrainer(TrainTask):
         sc = self.sc
         if sc.data.json is None:
             raise ConfigError(f"{stage}.data.json is not set: give the LLaVA-format conversation file")
-        _, world, _ = D.env_world()
-        per_step = sc.micro_batch_size * world
-        if sc.global_batch_size % per_step:
-            raise ConfigError(f"{stage}.global_batch_size {sc.global_batch_size} is not a multiple of "
-                              f"micro_batch_size x processes = {sc.micro_batch_size} x {world}")
-        self.grad_accum = sc.global_batch_size // per_step
+        self.batch = plan_batches(sc.global_batch_size, sc.micro_batch_size, D.env_world()[1], where=stage)
+        self.grad_accum = self.batch.grad_accum
         extra = {"deepspeed_config": sc.deepspeed_config} if sc.strategy == "deepspeed" else {}
         self.strategy: Strategy = STRATEGIES.get(sc.strategy)(sc.precision, self.grad_accum, sc.grad_clip,
-                                                              sc.micro_batch_size, **extra)
+                                                              self.batch.micro_batch_size, **extra)
         self.rank, self.world = self.strategy.rank, self.strategy.world_size
         self.out = cfg.stage_dir(stage)
         self.loop = RunLoop(self, self.strategy, LoopSettings(
@@ -177,7 +174,7 @@ class VLMTrainer(TrainTask):
             num_image_tokens=self.model.num_image_tokens, max_length=sc.data.max_length,
             image_root=sc.data.image_root, on_too_long=sc.data.on_too_long, on_bad_image=sc.data.on_bad_image)
         self.plan = MicroBatchPlan([self.dataset.estimated_length(i) for i in range(len(self.dataset))],
-                                   sc.global_batch_size, sc.micro_batch_size, self.world, sc.seed,
+                                   sc.global_batch_size, self.batch.micro_batch_size, self.world, sc.seed,
                                    sc.data.group_by_length)
         self.total_steps = sc.max_steps or self.plan.steps_per_epoch * sc.epochs
         self.loop.settings.total_steps = self.total_steps
@@ -185,7 +182,7 @@ class VLMTrainer(TrainTask):
             log.info("%s: %d samples, %d steps/epoch (%d samples of a partial last batch unused per epoch), "
                      "%d steps, global batch %d = %d micro x %d accum x %d processes", self.stage, len(self.dataset),
                      self.plan.steps_per_epoch, self.plan.dropped_per_epoch, self.total_steps, sc.global_batch_size,
-                     sc.micro_batch_size, self.grad_accum, self.world)
+                     self.batch.micro_batch_size, self.grad_accum, self.world)
 
         groups = self.model.parameter_groups(sc.lr, sc.tower_lr)
         warmup = round(sc.warmup_ratio * self.total_steps)

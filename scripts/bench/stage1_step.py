@@ -50,7 +50,7 @@ def make_config(root: Path, out: Path, batch: int, ours: bool, precision: str = 
         f"model.decoder.name_or_path={root / 'decoder'}", "model.decoder.type=stable_diffusion",
         f"model.decoder.dtype={'bfloat16' if ours and precision == 'bf16' else 'float32'}",
         f"model.decoder.channels_last={str(ours).lower()}",
-        f"data.train.path={root / 'data' / 'train'}", f"train.output_dir={out}", f"train.micro_batch_size={batch}",
+        f"data.train.path={root / 'data' / 'train'}", f"train.output_dir={out}", f"train.global_batch_size={batch}",
         f"train.precision={precision if ours else 'fp32'}", "train.max_steps=1000000", "val.every=1000000",
         "train.checkpoint_every=1000000", "log.tensorboard=false", f"latent_cache.enabled={str(ours).lower()}",
         f"latent_cache.dir={root / 'latent_cache'}", "train.log_every=1000000",
@@ -88,7 +88,7 @@ class Naive:
         self.model = ViLexModel.from_config(cfg.model)
         groups = self.model.trainable_parameter_groups()
         self.opt = torch.optim.AdamW([{"params": groups["vit"], "lr": 1e-5}, {"params": groups["pooler"], "lr": 3e-4}])
-        self.loader = training_loader(self.model, cfg.data.train, cfg.train.micro_batch_size, 0, 0, 1)
+        self.loader = training_loader(self.model, cfg.data.train, cfg.train.global_batch_size, 0, 0, 1)
         self.it = iter(self.loader)
         self.model.encoder.train()
 

@@ -69,7 +69,7 @@ def step_short_run(ctx: DemoContext) -> None:
         f"model.vit.name_or_path={ASSETS / 'siglip' / 'vision'}", f"model.decoder.name_or_path={ASSETS / 'decoder'}",
         f"data.train.path={data / 'train'}", f"data.val.path={data / 'val'}", f"train.output_dir={out}",
         f"train.max_steps={steps}", f"train.checkpoint_every={steps}", f"train.log_every={max(1, steps // 10)}",
-        f"train.micro_batch_size={ctx.options.short_batch}",
+        f"train.global_batch_size={ctx.options.short_batch}",
         f"train.optim.warmup_steps={min(50, steps // 5)}", f"val.every={steps}", f"train.seed={ctx.options.seed}",
     ])
     try:
@@ -83,7 +83,7 @@ def step_short_run(ctx: DemoContext) -> None:
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
     ckpt = Path(summary["checkpoint"]) / "pipeline"
     ctx.add_section(f"## Stage 1: short ViLex run ({steps} steps)\n\n`vilex pretrain --config configs/vilex/toy.yaml` "
-                    f"with the demo data, {steps} steps of batch {cfg.train.micro_batch_size}: training loss "
+                    f"with the demo data, {steps} steps of batch {cfg.train.global_batch_size}: training loss "
                     f"{first:.4f} (first {k} steps) -> {last:.4f} (last {k}). Validation grid: "
                     f"`{out / 'val'}`.")
     if ctx.options.eval_scenes:

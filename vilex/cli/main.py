@@ -76,6 +76,16 @@ def add_config_args(p: argparse.ArgumentParser, example: str, required: bool = F
                    help=f"override a config value, e.g. --set {example} (repeatable)")
 
 
+def add_dry_run_args(p: argparse.ArgumentParser) -> None:
+    """``--dry-run`` (build on the meta device, check every name and path, print the effective values; exit 2 on any
+    problem) and the process count it plans for."""
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything the run would read and build (models on the meta device), print the "
+                        "effective values (resolutions, global batch, steps, optimizer groups); exit 2 on problems")
+    p.add_argument("--processes", type=int, default=int(os.environ.get("WORLD_SIZE", "1")), metavar="N",
+                   help="with --dry-run: plan for N processes, e.g. nodes × GPUs per node (default: $WORLD_SIZE or 1)")
+
+
 def _load_command_modules() -> None:
     """Import every registered command module, sorted by entry-point name (= the order in ``vilex --help``)."""
     from importlib.metadata import entry_points

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from vilex.cli.main import add_config_args, command
+from vilex.cli.main import add_config_args, add_dry_run_args, command
 
 
 def _load_pretrain_config(args: argparse.Namespace):
@@ -20,23 +20,34 @@ def _load_pretrain_config(args: argparse.Namespace):
 
 
 # ----------------------------------------------------------------------------- vilex pretrain
+# shown by `vilex pretrain --help`; tests/test_cli_help_examples.py parses each line
+PRETRAIN_EXAMPLES = """\
+examples:
+  vilex pretrain --config configs/vilex/sd15_siglip_so400m.yaml --dry-run --processes 64
+  vilex pretrain --config configs/vilex/sd15_siglip_so400m.yaml --set model.decoder.resolution=256 --dry-run
+  vilex pretrain --config configs/vilex/tiny.yaml --set train.max_steps=50 --resume auto
+
+On N GPUs / nodes: scripts/launch.sh N pretrain --config ... (see its header). --dry-run checks every path and
+builds the models on the meta device: run it first, with --processes = the job's total process count.
+"""
+
+
 def _pretrain_args(p: argparse.ArgumentParser) -> None:
+    p.epilog = PRETRAIN_EXAMPLES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_config_args(p, "train.optim.lr_pooler=1e-4", required=True)
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="'auto' = latest checkpoint under train.output_dir (fresh start if none); or a checkpoint folder")
-    p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved, and exit")
+    add_dry_run_args(p)
 
 
 @command("pretrain", help="Stage 1: train the ViLex encoder against a frozen T2I decoder")(_pretrain_args)
 def _pretrain(args: argparse.Namespace) -> int:
     cfg = _load_pretrain_config(args)
     if args.dry_run:
-        import yaml
+        from vilex.train.dry_run import plan_pretrain
 
-        from vilex.config import to_dict
-
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        return 0
+        return plan_pretrain(cfg, args.resume, args.processes).report()
     from vilex.train import distributed as D
     from vilex.train.loop import pretrain
 

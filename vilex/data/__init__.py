@@ -22,7 +22,7 @@ import importlib
 from typing import Any
 
 from vilex.data import folder_source, hf_source, tar_source  # noqa: F401 - registers the sources
-from vilex.data.config import DataConfig, ViewConfig
+from vilex.data.config import DataConfig, SourceConfig, ViewConfig, ViewFit
 from vilex.data.decode import SKIP_REASONS, BadSample, ImageInfo, decode_image, decode_image_with_info
 from vilex.data.folder_source import FolderSource
 from vilex.data.hf_source import HFDatasetSource
@@ -52,7 +52,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "IMAGE_SOURCES", "SKIP_REASONS", "BadSample", "DataConfig", "FolderSource", "HFDatasetSource", "ImageInfo",
     "ImageSource", "MapImageSource", "RawSample", "ShardedImageSource", "SkipCounter", "TarShardSource",
-    "ViewConfig", "build_source", "decode_image", "decode_image_with_info", "inspect_source",
+    "SourceConfig", "ViewConfig", "ViewFit", "build_source", "decode_image", "decode_image_with_info", "inspect_source",
     # loaded lazily (torch):
     "Batch", "ImageLoader", "build_loader", "epoch_permutation", "first_images", "fit_image", "render_view", "to_tensor",
 ]

@@ -1,8 +1,10 @@
 """config.py — the data section other stages embed in their experiment configs.
 
-``DataConfig`` names a source (``type`` is a name in ``IMAGE_SOURCES``), its path(s) and columns,
-the views (one decoded image -> one tensor per view, e.g. the encoder at 224 px and the decoder's
-target at 64 px), the bad-sample limits, and the loader's order (seed, shuffle, epochs, batch).
+``SourceConfig`` names a source (``type`` is a name in ``IMAGE_SOURCES``), its path(s) and columns, and the
+bad-sample limits. ``DataConfig`` adds what a loader on its own needs: the views (one decoded image -> one
+tensor per view, e.g. the encoder at 224 px and the decoder's target at 64 px) and the order (seed, shuffle,
+epochs, batch). A trainer embeds a ``SourceConfig`` plus only what it lets the user choose (stage 1:
+vilex/train/config.py), since its model sets the views' sizes and its schedule sets batch and steps.
 
 Normalisation is explicit per view: ``tensor = (pixel / 255 - mean) / std``. The default
 mean = std = 0.5 maps pixels to [-1, 1] (the diffusion VAE convention and SigLIP's own
@@ -22,14 +24,20 @@ from vilex.errors import ConfigError
 
 
 @dataclass
-class ViewConfig:
-    """One output view of a sample: a square size, how to fit the image in it, and the normalisation."""
+class ViewFit:
+    """How one view fits an image into its square: what a training config chooses when the model sets the size."""
 
-    size: int = cfg_field(224, ge=1, help="output side in pixels (square)")
     fit: Literal["crop", "letterbox"] = cfg_field(
         "crop", help="crop: resize the short side to size, centre-crop; letterbox: resize the long side, pad"
     )
     pad_color: tuple[int, int, int] = cfg_field((0, 0, 0), ge=0, le=255, help="letterbox padding colour (RGB 0-255)")
+
+
+@dataclass
+class ViewConfig(ViewFit):
+    """One output view of a sample: a square size, how to fit the image in it, and the normalisation."""
+
+    size: int = cfg_field(224, ge=1, help="output side in pixels (square)")
     mean: tuple[float, float, float] = cfg_field((0.5, 0.5, 0.5), help="per-channel mean on the [0, 1] scale")
     std: tuple[float, float, float] = cfg_field((0.5, 0.5, 0.5), gt=0, help="per-channel std on the [0, 1] scale")
 
@@ -39,8 +47,8 @@ def _default_views() -> dict[str, ViewConfig]:
 
 
 @dataclass
-class DataConfig:
-    """An image source and how to read it into batches (see the module docstring)."""
+class SourceConfig:
+    """Where the images are and which of them are usable (see the module docstring)."""
 
     type: str = cfg_field("folder", help="image source type: folder | hf | webdataset (a name in IMAGE_SOURCES)")
     path: str | list[str] = cfg_field(
@@ -53,14 +61,8 @@ class DataConfig:
     image_column: str = cfg_field("image", help="hf only: column with an Image feature, bytes, or a relative path")
     meta_columns: list[str] | None = cfg_field(None, help="hf only: columns passed along as metadata (None = all)")
     split: str = cfg_field("train", help="hf only: the split of a saved DatasetDict")
-    views: dict[str, ViewConfig] = field(default_factory=_default_views)
     max_pixels: int = cfg_field(DEFAULT_MAX_PIXELS, ge=1, help="images with more pixels are 'decompression_bomb'")
     min_side: int = cfg_field(DEFAULT_MIN_SIDE, ge=1, help="images with a shorter side are 'too_small'")
-    batch_size: int = cfg_field(8, ge=1, help="samples per batch on each rank")
-    drop_last: bool = cfg_field(False, help="drop each epoch's last partial batch (the count is reported)")
-    shuffle: bool = cfg_field(True, help="per-epoch shuffle derived from seed + epoch")
-    seed: int = cfg_field(0, ge=0)
-    epochs: int | None = cfg_field(1, ge=1, help="passes over the data; null = repeat forever")
 
     def validate(self) -> None:
         from vilex.data.sources import IMAGE_SOURCES  # the package import registers every source
@@ -73,3 +75,15 @@ class DataConfig:
         """``path`` as a list (a single string is one entry; empty strings are dropped)."""
         entries = [self.path] if isinstance(self.path, str) else list(self.path)
         return [p for p in entries if p]
+
+
+@dataclass
+class DataConfig(SourceConfig):
+    """An image source and how to read it into batches on its own (``vilex data inspect``, ``build_loader``)."""
+
+    views: dict[str, ViewConfig] = field(default_factory=_default_views)
+    batch_size: int = cfg_field(8, ge=1, help="samples per batch on each rank")
+    drop_last: bool = cfg_field(False, help="drop each epoch's last partial batch (the count is reported)")
+    shuffle: bool = cfg_field(True, help="per-epoch shuffle derived from seed + epoch")
+    seed: int = cfg_field(0, ge=0)
+    epochs: int | None = cfg_field(1, ge=1, help="passes over the data; null = repeat forever")

@@ -83,6 +83,10 @@ class DecoderConfig:
     type: str = cfg_field("stable_diffusion", help="registry name in FROZEN_DECODERS: 'stable_diffusion' | 'pixel_unet'")
     name_or_path: str = cfg_field("stabilityai/stable-diffusion-2-1-base",
                                   help="hub id or local folder with unet/ text_encoder/ tokenizer/ scheduler/ [vae/]")
+    resolution: int | None = cfg_field(
+        None, gt=0, help="pixels per side the decoder is trained at and generates (null = its own: the UNet's "
+                         "sample_size × the VAE's factor, 512 for SD 1.5); a multiple of the VAE's factor × the UNet's "
+                         "downsampling (64 for SD), e.g. 256 for a cheap SD 1.5 run")
     dtype: DecoderDType = cfg_field("float32", help="dtype the frozen decoder is held in")
     gradient_checkpointing: bool = cfg_field(False, help="non-reentrant checkpointing in text encoder and UNet")
     snr_gamma: float | None = cfg_field(None, gt=0, help="min-SNR loss weighting gamma (None = plain MSE)")

@@ -66,6 +66,7 @@ class FrozenDecoder(nn.Module):
         self.scheduler = scheduler
         self.special = SpecialTokens.from_tokenizer(tokenizer)
         self.extra_input_channels = self._extra_input_channels(unet)  # a bad layout fails here, not mid-training
+        self._check_resolution()
         if self.prediction_type not in PREDICTION_TYPES:
             raise UserError(f"decoder scheduler prediction_type '{self.prediction_type}' is not one of "
                             f"{', '.join(PREDICTION_TYPES)}")
@@ -172,15 +173,40 @@ class FrozenDecoder(nn.Module):
         return str(self.scheduler.config.prediction_type)
 
     @property
+    def model_space_factor(self) -> int:
+        """Pixels per model-space position along a side (the VAE's downsampling; 1 in pixel space)."""
+        return 1
+
+    @property
+    def native_image_size(self) -> int:
+        """The resolution the decoder was trained at: its UNet's sample_size in pixels."""
+        return int(self.unet.config.sample_size) * self.model_space_factor
+
+    @property
     def image_size(self) -> int:
-        """Resolution (pixels) of the images the decoder generates / is trained on."""
-        raise NotImplementedError
+        """Resolution (pixels) of the images the decoder generates / is trained on: ``resolution`` when the config
+        sets one, else its own."""
+        return int(self.config.resolution or self.native_image_size)
+
+    @property
+    def resolution_multiple(self) -> int:
+        """What every resolution must be a multiple of: the model-space factor × the UNet's downsampling."""
+        return self.model_space_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+
+    def _check_resolution(self) -> None:
+        size, multiple = self.config.resolution, self.resolution_multiple
+        if size is not None and size % multiple:
+            lower = max(multiple, size // multiple * multiple)
+            raise ConfigError(f"model.decoder.resolution: {size} is not a multiple of {multiple} (this decoder's "
+                              f"{self.model_space_factor}x model-space factor x its UNet's "
+                              f"{multiple // self.model_space_factor}x downsampling); e.g. {lower} or "
+                              f"{lower + multiple}")
 
     @property
     def model_space_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of x0 (latents or pixels): what the UNet predicts (a pixel_unet's inputs may carry
         extra coordinate channels)."""
-        size = int(self.unet.config.sample_size)
+        size = self.image_size // self.model_space_factor
         return (int(self.unet.config.out_channels), size, size)
 
     # ------------------------------------------------------------------ text
@@ -276,8 +302,8 @@ class StableDiffusionDecoder(FrozenDecoder):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
-    def image_size(self) -> int:
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+    def model_space_factor(self) -> int:
+        return self.vae_scale_factor
 
     def _shift_scale(self) -> tuple[float, float]:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
@@ -322,10 +348,6 @@ class PixelUNetDecoder(FrozenDecoder):
     def from_config(cls, config: DecoderConfig) -> PixelUNetDecoder:
         tokenizer, text_encoder, unet, scheduler = cls._load_text_parts(config.name_or_path)
         return cls(tokenizer, text_encoder, unet, scheduler, vae=None, config=config)
-
-    @property
-    def image_size(self) -> int:
-        return int(self.unet.config.sample_size)
 
     def to_model_space(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return images.float()

@@ -31,6 +31,15 @@ from vilex.models.registry import VISION_TOWERS, load_pretrained
 log = logging.getLogger(__name__)
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing of an HF model (works with frozen inputs; the API renamed in 5.x)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # pragma: no cover - transformers before the rename
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 class VisionTower(nn.Module):
     """Base class: a ViT that returns patch tokens from one configured layer."""
 
@@ -88,7 +97,7 @@ class SiglipTower(VisionTower):
         self._interpolate = self.image_size != int(model.config.image_size)
         self._freeze_unused(num_layers)
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
 
     def _freeze_unused(self, num_layers: int) -> None:
         unused: list[nn.Module] = [self.model.head] if getattr(self.model, "use_head", False) else []

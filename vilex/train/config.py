@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from vilex.config import cfg_field
-from vilex.data.config import DataConfig as DataSourceConfig
+from vilex.data.config import SourceConfig, ViewFit
 from vilex.errors import ConfigError
 from vilex.models.configs import ViLexConfig
+from vilex.train.batching import BatchSchedule
 
 
 @dataclass
@@ -34,15 +35,14 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(BatchSchedule):
+    """Steps and batch (the shared vocabulary: vilex/train/batching.py; a batch counts images), then the run."""
+
     output_dir: Path = Path("runs/pretrain")
-    seed: int = 0
-    max_steps: int = cfg_field(1000, ge=1, help="optimizer steps")
+    seed: int = cfg_field(0, help="model init, the data order and the loss's noise")
     trainable: list[Literal["vit", "pooler"]] = cfg_field(
         default_factory=lambda: ["vit", "pooler"], help="the encoder parts that learn (the paper: both); the others "
                                                         "stay frozen, e.g. [pooler] for a frozen-ViT probe")
-    micro_batch_size: int = cfg_field(8, ge=1, help="images per process per forward")
-    grad_accum: int = cfg_field(1, ge=1)
     strategy: Literal["torch", "deepspeed"] = "torch"
     deepspeed_config: Optional[Path] = cfg_field(None, help="configs/deepspeed/*.json (strategy: deepspeed)")
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -51,6 +51,10 @@ class TrainConfig:
                      "small head dims, where the fused kernel's backward dominates: docs/PERFORMANCE.md)")
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema_decay: Optional[float] = cfg_field(None, gt=0, lt=1, help="EMA of the encoder (null = off)")
+    pipeline_weights: Literal["ema", "raw"] = cfg_field(
+        "ema", help="the encoder weights each checkpoint's pipeline/ (the ViLex checkpoint every command loads) "
+                    "holds when ema_decay is set: the EMA or the raw trained weights; both stay in the checkpoint "
+                    "(ema.pt, encoder.pt) either way. Without EMA: raw")
     checkpoint_every: int = cfg_field(500, ge=1)
     keep_last: int = cfg_field(3, ge=1)
     log_every: int = cfg_field(10, ge=1)
@@ -70,11 +74,51 @@ class TrainConfig:
 
 
 @dataclass
+class TrainingViewFit(ViewFit):
+    """How the encoder or decoder view fits an image; the model sets the size and normalisation."""
+
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        "size": "the model sets each view's size: the encoder's is model.vit.image_size (null = the ViT's own), "
+                "the decoder's model.decoder.resolution (null = the decoder's own)",
+        "mean": "the model sets each view's normalisation (the ViT's own; [-1, 1] for the decoder)",
+        "std": "the model sets each view's normalisation (the ViT's own; [-1, 1] for the decoder)",
+    }
+
+
+def _training_views() -> dict[str, TrainingViewFit]:
+    return {"encoder": TrainingViewFit(), "decoder": TrainingViewFit()}
+
+
+@dataclass
+class TrainingSourceConfig(SourceConfig):
+    """An image source of stage 1: where the images are, how each view fits them and whether to shuffle. Batch,
+    steps and seed are the train section's (one place for each)."""
+
+    views: dict[str, TrainingViewFit] = cfg_field(default_factory=_training_views,
+                                                  help="encoder / decoder: how each view fits an image")
+    shuffle: bool = cfg_field(True, help="per-epoch shuffle derived from train.seed + epoch")
+
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        "batch_size": "set train.global_batch_size and train.micro_batch_size",
+        "epochs": "set train.max_steps (stage 1 repeats the data until then)",
+        "seed": "set train.seed",
+        "drop_last": "stage 1 always drops a rank's last partial batch of an epoch (every step has a full batch)",
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        unknown = sorted(set(self.views) - {"encoder", "decoder"})
+        if unknown:
+            raise ConfigError(f"views: unknown view {', '.join(map(repr, unknown))}; stage 1 has 'encoder' "
+                              f"and 'decoder'")
+
+
+@dataclass
 class PretrainDataConfig:
     """The training image source and the (optional) validation one."""
 
-    train: DataSourceConfig = field(default_factory=DataSourceConfig)
-    val: Optional[DataSourceConfig] = cfg_field(None, help="validation images (null = first images of train)")
+    train: TrainingSourceConfig = field(default_factory=TrainingSourceConfig)
+    val: Optional[TrainingSourceConfig] = cfg_field(None, help="validation images (null = first images of train)")
 
 
 @dataclass

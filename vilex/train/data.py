@@ -1,22 +1,23 @@
 """train/data.py — the training loader: the model decides each view's resolution and normalisation.
 
 The encoder view gets the ViT's input size and its own normalisation (SigLIP: mean = std = 0.5); the
-decoder view gets the decoder's image size in [-1, 1] (what diffusers models are trained on). From the
-experiment config only ``fit`` (crop | letterbox) and ``pad_color`` of each view are taken, so a config
-can never feed a model the wrong resolution.
+decoder view gets the decoder's image size (``model.decoder.resolution``, else its own) in [-1, 1] (what
+diffusers models are trained on). The experiment config holds only ``fit`` (crop | letterbox) and ``pad_color``
+of each view, so a config can never feed a model the wrong resolution.
 """
 from __future__ import annotations
 
 from vilex.data import ImageLoader, build_source
-from vilex.data.config import DataConfig, ViewConfig
+from vilex.data.config import DataConfig, ViewConfig, ViewFit
+from vilex.train.config import TrainingSourceConfig
 
 
-def model_views(model, data_cfg: DataConfig) -> dict[str, ViewConfig]:
+def model_views(model, data_cfg: TrainingSourceConfig | DataConfig) -> dict[str, ViewConfig]:
     tower = model.encoder.vit
     user = data_cfg.views or {}
 
     def view(name: str, size: int, mean, std) -> ViewConfig:
-        base = user.get(name, ViewConfig())
+        base = user.get(name, ViewFit())
         return ViewConfig(size=int(size), fit=base.fit, pad_color=base.pad_color, mean=tuple(mean), std=tuple(std))
 
     return {
@@ -25,7 +26,7 @@ def model_views(model, data_cfg: DataConfig) -> dict[str, ViewConfig]:
     }
 
 
-def training_loader(model, data_cfg: DataConfig, batch_size: int, seed: int, rank: int, world_size: int,
+def training_loader(model, data_cfg: TrainingSourceConfig | DataConfig, batch_size: int, seed: int, rank: int, world_size: int,
                     views: dict[str, ViewConfig] | None = None, shuffle: bool | None = None,
                     epochs: int | None = None, drop_last: bool = True) -> ImageLoader:
     """Endless (``epochs=None``), deterministic, resumable loader of one rank's share of the data."""

@@ -7,13 +7,16 @@ loop's state, validation grids and MFU. The same code runs 1 process (``vilex pr
 (``torchrun``/``deepspeed`` via ``scripts/launch_pretrain.sh``), fp32 or bf16, torch or DeepSpeed ZeRO.
 
 A checkpoint holds the encoder (or DeepSpeed's state), optimizer, scheduler, EMA, step, every RNG (python, numpy,
-torch, the loss generator) per rank and each rank's data-loader position, plus ``pipeline/`` (loadable on its own);
+torch, the loss generator) per rank and each rank's data-loader position, plus ``pipeline/``: the ViLex checkpoint,
+loadable on its own, holding the EMA weights when there is an EMA (``train.pipeline_weights: raw`` for the trained
+ones; ``pipeline/training.json`` says which);
 a resume against other frozen-decoder weights under the same path is refused (its content fingerprint is part of
 the run's identity).
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +32,15 @@ from vilex.train.common import NonFiniteLossError  # noqa: F401 (re-exported for
 from vilex.train.common import attention_kernels, rng_state, seed_everything, set_rng_state
 from vilex.train.config import PretrainConfig
 from vilex.train.ema import EMA
+from vilex.train.batching import plan_batches
 from vilex.train.run_loop import LoopSettings, RunLoop, RunState, TrainTask
 from vilex.train.strategy import STRATEGIES, Strategy, warmup_cosine
 from vilex.train.throughput import measure_matmul_peak, peak_memory_bytes
 
 log = logging.getLogger(__name__)
+
+# beside the ViLex checkpoint in each checkpoint's pipeline/: the step and which encoder weights it holds
+PIPELINE_PROVENANCE = "training.json"
 
 
 @dataclass
@@ -52,9 +59,10 @@ class Pretrainer(TrainTask):
         self.cfg = cfg
         self.resume_arg = resume
         tc = cfg.train
+        self.batch = plan_batches(tc.global_batch_size, tc.micro_batch_size, D.env_world()[1])
         extra = {"deepspeed_config": tc.deepspeed_config} if tc.strategy == "deepspeed" else {}
-        self.strategy: Strategy = STRATEGIES.get(tc.strategy)(tc.precision, tc.grad_accum, tc.optim.grad_clip,
-                                                              tc.micro_batch_size, **extra)
+        self.strategy: Strategy = STRATEGIES.get(tc.strategy)(tc.precision, self.batch.grad_accum,
+                                                              tc.optim.grad_clip, self.batch.micro_batch_size, **extra)
         self.rank, self.world = self.strategy.rank, self.strategy.world_size
         self.out = Path(tc.output_dir)
         self.loop = RunLoop(self, self.strategy, LoopSettings(
@@ -93,7 +101,7 @@ class Pretrainer(TrainTask):
         self.generator = torch.Generator().manual_seed(tc.seed * 1000 + self.rank)
 
         views = model_views(self.model, cfg.data.train)
-        self.loader = training_loader(self.model, cfg.data.train, tc.micro_batch_size, tc.seed, self.rank, self.world,
+        self.loader = training_loader(self.model, cfg.data.train, self.batch.micro_batch_size, tc.seed, self.rank, self.world,
                                       views=views)
         self.cache = None
         if self.decoder.vae is not None and cfg.latent_cache.enabled:
@@ -145,7 +153,7 @@ class Pretrainer(TrainTask):
 
     def on_micro_batch(self, batch: Any, finite: bool) -> None:
         if finite:
-            self.state.images_seen += self.cfg.train.micro_batch_size * self.world
+            self.state.images_seen += self.batch.micro_batch_size * self.world
 
     def on_optimizer_step(self, state: RunState) -> None:
         if self.ema:
@@ -167,7 +175,11 @@ class Pretrainer(TrainTask):
             torch.save({k: v.detach().clone() for k, v in self.encoder.state_dict().items()}, tmp / "encoder.pt")
         if self.ema:
             torch.save(self.ema.state_dict(), tmp / "ema.pt")
-        self.model.save_pretrained(tmp / "pipeline")  # loadable on its own (ViLexPipeline.from_pretrained)
+        weights = "ema" if self.ema and self.cfg.train.pipeline_weights == "ema" else "raw"
+        with self.ema.swap_in(self.encoder) if weights == "ema" else contextlib.nullcontext():
+            self.model.save_pretrained(tmp / "pipeline")  # loadable on its own (ViLexPipeline.from_pretrained)
+        (tmp / "pipeline" / PIPELINE_PROVENANCE).write_text(json.dumps(
+            {"step": self.state.step, "encoder_weights": weights, "ema_decay": self.cfg.train.ema_decay}, indent=2))
         write_manifest(tmp / "pipeline")  # verifiable on its own too, when copied out of the checkpoint
 
     def gathered(self):
@@ -218,8 +230,8 @@ class Pretrainer(TrainTask):
 
         tc = self.cfg.train
         tower = self.encoder.vit
-        pixels = torch.zeros(tc.micro_batch_size, 3, tower.image_size, tower.image_size, device=self.strategy.device)
-        x0 = torch.zeros(tc.micro_batch_size, *self.decoder.model_space_shape, device=self.strategy.device)
+        pixels = torch.zeros(self.batch.micro_batch_size, 3, tower.image_size, tower.image_size, device=self.strategy.device)
+        x0 = torch.zeros(self.batch.micro_batch_size, *self.decoder.model_space_shape, device=self.strategy.device)
         try:
             # (not under no_grad: FlopCounterMode's module tracker needs autograd; nothing is backpropagated)
             with torch.random.fork_rng(devices=[]):
@@ -228,7 +240,7 @@ class Pretrainer(TrainTask):
                     tokens = self.strategy.forward(pixels)
                 with dec, self.strategy.autocast():
                     self.model.loss_from_tokens(tokens.float(), x0, generator=torch.Generator().manual_seed(0))
-            self.flops_per_step = (3 * enc.get_total_flops() + 2 * dec.get_total_flops()) * tc.grad_accum
+            self.flops_per_step = (3 * enc.get_total_flops() + 2 * dec.get_total_flops()) * self.batch.grad_accum
         except Exception as e:  # diagnostics only: never stop training for it
             log.warning("FLOP counting failed (%s); MFU will not be logged", e)
             self.flops_per_step = 0
@@ -239,8 +251,7 @@ class Pretrainer(TrainTask):
                      self.peak_flops)
 
     def log_metrics(self, window_seconds: float, window_steps: int) -> dict[str, float]:
-        tc = self.cfg.train
-        images = window_steps * tc.grad_accum * tc.micro_batch_size * self.world
+        images = window_steps * self.batch.global_batch_size
         metrics = {"train/images_per_s": images / max(window_seconds, 1e-9),
                    "train/peak_memory_gb": peak_memory_bytes(self.strategy.device) / 2**30,
                    "train/nonfinite_total": self.state.nonfinite_total}

@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 
 from vilex.data import first_images
-from vilex.data.config import ViewConfig
+from vilex.data.config import ViewFit
 
 
 def validation_images(cfg, size: int) -> torch.Tensor:
     """The first ``val.num_images`` decodable images of the val source (or train), (N,3,S,S) in [0,1]."""
     source_cfg = cfg.data.val or cfg.data.train
-    fit = source_cfg.views.get("decoder", ViewConfig()).fit
+    fit = source_cfg.views.get("decoder", ViewFit()).fit
     return first_images(source_cfg, size, cfg.val.num_images, fit).images["image"]
 
 
