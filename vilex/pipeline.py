@@ -13,7 +13,8 @@ Guidance:
   tokens inside one ``[BOS … EOS]``. With ``guidance_scale`` g != 1, CFG against the empty prompt is applied
   on top: ``pred(∅) + g · (pred_tfg − pred(∅))``.
 The combinations are linear in the UNet output, so they hold for ε-, v- and x0-prediction alike.
-Sampling uses DDIM built from the decoder's own scheduler config (replace ``pipe.scheduler`` to change it).
+Sampling uses the decoder's ``sampling_scheduler()`` (DDIM from its own noise-schedule config for the SD family;
+replace ``pipe.scheduler`` to change it).
 """
 from __future__ import annotations
 
@@ -90,12 +91,10 @@ class ViLexPipeline:
 
     def __init__(self, encoder: ViLexEncoder, decoder: FrozenDecoder, config: ViLexConfig,
                  scheduler: Any | None = None) -> None:
-        from diffusers import DDIMScheduler
-
         self.encoder = encoder.eval()
         self.decoder = decoder
         self.config = config
-        self.scheduler = scheduler or DDIMScheduler.from_config(decoder.scheduler.config)
+        self.scheduler = scheduler or decoder.sampling_scheduler()
         self._progress_kwargs: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ loading / saving
@@ -184,7 +183,8 @@ class ViLexPipeline:
         batch = x_t.shape[0]
         t = torch.as_tensor(t, device=x_t.device)
         t = (t.expand(batch) if t.ndim == 0 else t).repeat(len(conds))
-        preds = self.decoder.predict(torch.cat([x_t] * len(conds)), t, torch.cat(conds)).chunk(len(conds))
+        preds = self.decoder.predict(torch.cat([x_t] * len(conds)), t,
+                                     self.decoder.concat_conditions(conds)).chunk(len(conds))
         it = iter(preds)
         pv = next(it)
         pvc = next(it) if cond_vilex_text is not None else None
@@ -199,16 +199,17 @@ class ViLexPipeline:
             raise UserError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         scheduler = self.scheduler
         scheduler.set_timesteps(num_inference_steps, device=self.device)
+        # flow-matching schedulers have no input scaling and start from unit noise
         x = randn_tensor((batch, *self.decoder.model_space_shape), generator=generator, device=self.device,
-                         dtype=torch.float32) * scheduler.init_noise_sigma
+                         dtype=torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)
         for t in self.progress_bar(scheduler.timesteps):
-            x_in = scheduler.scale_model_input(x, t)
+            x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
             x = scheduler.step(predict(x_in, t), t, x, generator=generator).prev_sample
         images = self.decoder.from_model_space(x)
         return ((images.clamp(-1, 1) + 1) / 2).float()
 
-    def _empty_cond(self, batch: int) -> torch.Tensor:
-        return self.decoder.encode_text(None, None, [[] for _ in range(batch)])
+    def _empty_cond(self, batch: int) -> Any:
+        return self.decoder.unconditional(batch)
 
     @staticmethod
     def _output(images: torch.Tensor, output_type: str) -> list[Image.Image] | torch.Tensor:

@@ -1,7 +1,8 @@
-"""conditioning.py — THE one function that turns ViLex tokens (and/or a prompt) into UNet conditioning.
+"""conditioning.py — THE one place that turns ViLex tokens (and/or a prompt) into text-encoder states.
 
-Training (ViLexModel.forward) and inference (ViLexPipeline: reconstruct, compose, CFG's empty prompt)
-all call ``build_text_conditioning``; nothing else builds text-encoder inputs.
+Training (ViLexModel.forward) and inference (ViLexPipeline: reconstruct, compose, CFG's empty prompt) both go
+through a decoder's ``encode_text``, which builds on ``clip_hidden_states`` (SD 1.x/2.x: ``build_text_conditioning``;
+SDXL picks other states of the same run); nothing else builds text-encoder inputs.
 
 Layout, exactly as the tokenizer lays out real text (L = context length, 77 for CLIP):
 
@@ -139,22 +140,23 @@ def _text_core(text_encoder: Any) -> Any:
     return getattr(text_encoder, "text_model", text_encoder)
 
 
-def build_text_conditioning(text_encoder: Any, special: SpecialTokens, vilex_tokens: torch.Tensor | None = None,
-                            num_keep: int | torch.Tensor | None = None,
-                            prompt_ids: Sequence[Sequence[int]] | None = None, clip_skip: int = 0,
-                            use_attention_mask: bool | None = None, return_layout: bool = False
-                            ) -> torch.Tensor | tuple[torch.Tensor, TextLayout]:
-    """Frozen-text-encoder hidden states (B, L, W) for ``[BOS, v_1..v_m, prompt, EOS, pad...]``.
+def clip_hidden_states(text_encoder: Any, special: SpecialTokens, vilex_tokens: torch.Tensor | None = None,
+                       num_keep: int | torch.Tensor | None = None, prompt_ids: Sequence[Sequence[int]] | None = None,
+                       num_layers: int | None = None, use_attention_mask: bool | None = None
+                       ) -> tuple[list[torch.Tensor], TextLayout]:
+    """The frozen CLIP text encoder's hidden states for ``[BOS, v_1..v_m, prompt, EOS, pad...]``: HF's
+    ``hidden_states`` (the embeddings, then the output of each layer), through layer ``num_layers`` (None = all),
+    without the final LayerNorm; and the layout. Decoders pick what they condition on from these (SD: the last
+    state, normed; SDXL: the penultimate, unnormed, plus the pooled EOS state).
 
     Args:
-        text_encoder: the decoder's (frozen) CLIP text encoder.
-        special: BOS/EOS/PAD ids and context length of the decoder's tokenizer.
+        text_encoder: a (frozen) ``CLIPTextModel`` or ``CLIPTextModelWithProjection``.
+        special: BOS/EOS/PAD ids and context length of the encoder's tokenizer.
         vilex_tokens: (B, n, D) ViLex tokens or None (plain prompt).
         num_keep: m, an int or (B,) tensor; None = all n (0 when ``vilex_tokens`` is None).
         prompt_ids: per-sample prompt token ids without BOS/EOS (one list is broadcast to the batch); None = none.
-        clip_skip: 0 = last layer; k = the k-th layer from the end (then the final LayerNorm).
+        num_layers: run this many layers (clip skip = fewer); None = all.
         use_attention_mask: apply the padding mask too; None = the encoder config's ``use_attention_mask``.
-        return_layout: also return the ``TextLayout`` (tests compare training and inference layouts).
     """
     core = _text_core(text_encoder)
     embedding = core.embeddings.token_embedding
@@ -184,13 +186,30 @@ def build_text_conditioning(text_encoder: Any, special: SpecialTokens, vilex_tok
         use_attention_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
     mask = create_causal_mask(config=text_encoder.config, inputs_embeds=hidden,
                               attention_mask=layout.attention_mask if use_attention_mask else None, cache=None)
-    if clip_skip == 0:
-        hidden = core.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
-    else:
-        layers = core.encoder.layers
-        if clip_skip >= len(layers):
-            raise UserError(f"decoder.clip_skip={clip_skip} but the text encoder has only {len(layers)} layers")
-        for layer in layers[: len(layers) - clip_skip]:
-            hidden = layer(hidden, mask, is_causal=True)
-    hidden = core.final_layer_norm(hidden)
+    layers = core.encoder.layers
+    if num_layers is None:
+        num_layers = len(layers)
+    if not 0 < num_layers <= len(layers):
+        raise UserError(f"the decoder's text encoder has {len(layers)} layers: cannot take the output of layer "
+                        f"{num_layers} (decoder.clip_skip too large?)")
+    states = [hidden]
+    for layer in layers[:num_layers]:  # each layer as CLIPEncoder.forward calls it (activation checkpointing too)
+        states.append(layer(states[-1], mask, is_causal=True))
+    return states, layout
+
+
+def build_text_conditioning(text_encoder: Any, special: SpecialTokens, vilex_tokens: torch.Tensor | None = None,
+                            num_keep: int | torch.Tensor | None = None,
+                            prompt_ids: Sequence[Sequence[int]] | None = None, clip_skip: int = 0,
+                            use_attention_mask: bool | None = None, return_layout: bool = False
+                            ) -> torch.Tensor | tuple[torch.Tensor, TextLayout]:
+    """SD 1.x/2.x conditioning (B, L, W): the last hidden state (``clip_skip = k``: the k-th from the end) after the
+    final LayerNorm, for ``[BOS, v_1..v_m, prompt, EOS, pad...]``; arguments as ``clip_hidden_states``.
+    ``return_layout`` also returns the ``TextLayout`` (tests compare training and inference layouts)."""
+    total = len(_text_core(text_encoder).encoder.layers)
+    if clip_skip >= total:
+        raise UserError(f"decoder.clip_skip={clip_skip} but the text encoder has only {total} layers")
+    states, layout = clip_hidden_states(text_encoder, special, vilex_tokens, num_keep, prompt_ids,
+                                        num_layers=total - clip_skip, use_attention_mask=use_attention_mask)
+    hidden = _text_core(text_encoder).final_layer_norm(states[-1])
     return (hidden, layout) if return_layout else hidden

@@ -56,8 +56,11 @@ class FrozenDecoder(nn.Module):
     """A frozen T2I diffusion model used as the decoder of the ViLex autoencoder."""
 
     def __init__(self, tokenizer: Any, text_encoder: nn.Module, unet: nn.Module, scheduler: Any,
-                 vae: nn.Module | None = None, config: DecoderConfig | None = None) -> None:
+                 vae: nn.Module | None = None, config: DecoderConfig | None = None,
+                 extra_modules: dict[str, nn.Module] | None = None) -> None:
         super().__init__()
+        for name, module in (extra_modules or {}).items():  # a subclass's further frozen parts (SDXL: text_encoder_2)
+            setattr(self, name, module)
         self.config = config or DecoderConfig()
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
@@ -67,9 +70,7 @@ class FrozenDecoder(nn.Module):
         self.special = SpecialTokens.from_tokenizer(tokenizer)
         self.extra_input_channels = self._extra_input_channels(unet)  # a bad layout fails here, not mid-training
         self._check_resolution()
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise UserError(f"decoder scheduler prediction_type '{self.prediction_type}' is not one of "
-                            f"{', '.join(PREDICTION_TYPES)}")
+        self._check_scheduler()
         max_pos = text_encoder.config.max_position_embeddings
         if self.special.context_length > max_pos:
             raise UserError(f"decoder tokenizer context ({self.special.context_length}) exceeds the text encoder's "
@@ -80,7 +81,8 @@ class FrozenDecoder(nn.Module):
             unet.to(memory_format=torch.channels_last)
         self._checkpointing = bool(self.config.gradient_checkpointing)
         if self._checkpointing:
-            text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            for encoder in self.text_encoders:
+                encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             unet.enable_gradient_checkpointing()  # diffusers: use_reentrant=False
         self.train(False)
 
@@ -135,13 +137,19 @@ class FrozenDecoder(nn.Module):
         """What the UNet reads for noisy x_t: x_t itself."""
         return x_t
 
+    def _check_scheduler(self) -> None:
+        """The training objective must be one this class implements (a flow-matching decoder overrides this)."""
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise UserError(f"decoder scheduler prediction_type '{self.prediction_type}' is not one of "
+                            f"{', '.join(PREDICTION_TYPES)}")
+
     # ------------------------------------------------------------------ frozen: always eval
     def train(self, mode: bool = True) -> FrozenDecoder:
         super().train(False)
         if self._checkpointing:
             from transformers.modeling_layers import GradientCheckpointingLayer
 
-            for module in self.text_encoder.modules():
+            for module in (m for encoder in self.text_encoders for m in encoder.modules()):
                 if isinstance(module, GradientCheckpointingLayer):
                     module.training = True  # only the checkpoint switch; dropout etc. live in eval submodules
         return self
@@ -156,9 +164,21 @@ class FrozenDecoder(nn.Module):
         return next(self.unet.parameters()).device
 
     @property
+    def text_encoders(self) -> list[nn.Module]:
+        """Every frozen text encoder the ViLex tokens enter (one here; SDXL has two)."""
+        return [self.text_encoder]
+
+    @property
     def embedding_table(self) -> torch.Tensor:
-        """The frozen token-embedding matrix (V, D) of the text encoder."""
+        """The frozen token-embedding matrix (V, D) the ViLex tokens live in: the text encoder's (with several
+        encoders, theirs side by side: (V, D_1 + D_2 + ...), see ``token_heads``)."""
         return self.text_encoder.get_input_embeddings().weight
+
+    @property
+    def token_heads(self) -> list[int]:
+        """The widths of the parts of a ViLex token, one per text encoder (they sum to ``embed_width``); the pooler
+        normalises each part to its own encoder's embedding statistics."""
+        return [self.embed_width]
 
     @property
     def embed_width(self) -> int:
@@ -220,6 +240,24 @@ class FrozenDecoder(nn.Module):
         """UNet conditioning (B, L, W) for ``[BOS, v_1..v_m, prompt, EOS, pad...]`` (see conditioning.py)."""
         return build_text_conditioning(self.text_encoder, self.special, vilex_tokens, num_keep, prompt_ids,
                                        clip_skip=self.config.clip_skip, return_layout=return_layout)
+
+    def unconditional(self, batch: int) -> Any:
+        """The conditioning classifier-free guidance contrasts with: the empty prompt's."""
+        return self.encode_text(None, None, [[] for _ in range(batch)])
+
+    @staticmethod
+    def concat_conditions(conds: Sequence[Any]) -> Any:
+        """Several conditionings as one batch (guidance runs every branch in one UNet call): tensors, or dicts of
+        tensors (decoders conditioned on more than the hidden states, e.g. SDXL's pooled text embedding)."""
+        if isinstance(conds[0], dict):
+            return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
+        return torch.cat(list(conds))
+
+    def sampling_scheduler(self) -> Any:
+        """The scheduler inference samples with: DDIM from the decoder's own noise-schedule config."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(self.scheduler.config)
 
     @property
     def has_vae(self) -> bool:

@@ -92,8 +92,15 @@ class AttentionPooler(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, num_tokens: int, input_width: int, output_width: int, width: int = 1024, depth: int = 5,
-                 heads: int = 16, mlp_ratio: float = 4.0, output_norm: str = "match_embeddings") -> None:
+                 heads: int = 16, mlp_ratio: float = 4.0, output_norm: str = "match_embeddings",
+                 output_heads: Sequence[int] | None = None) -> None:
         super().__init__()
+        # A decoder with several text encoders (SDXL) takes each token as the concatenation of one part per
+        # encoder: the output projection's rows split into those parts, and each part is normalised on its own,
+        # then matched to its own encoder's embedding statistics (one "head" per encoder, TailDrop alike for all).
+        self.output_heads = list(output_heads) if output_heads else [output_width]
+        if sum(self.output_heads) != output_width:
+            raise UserError(f"pooler output heads {self.output_heads} do not add up to its output width {output_width}")
         if output_norm not in ("match_embeddings", "layernorm", "none"):
             raise UserError(f"pooler.output_norm: unknown '{output_norm}' (match_embeddings | layernorm | none)")
         if width % heads:
@@ -126,7 +133,8 @@ class AttentionPooler(ModelMixin, ConfigMixin):
             queries = block(queries, context)
         tokens = self.out_proj(self.final_norm(queries))
         if self.config.output_norm == "match_embeddings":
-            tokens = F.layer_norm(tokens, tokens.shape[-1:]) * self.embed_std + self.embed_mean
+            parts = tokens.split(self.output_heads, dim=-1)
+            tokens = torch.cat([F.layer_norm(p, p.shape[-1:]) for p in parts], dim=-1) * self.embed_std + self.embed_mean
         elif self.out_norm is not None:
             tokens = self.out_norm(tokens)
         return tokens
@@ -143,15 +151,17 @@ class ViLexEncoder(nn.Module):
     # ------------------------------------------------------------------ construction and saving
     @classmethod
     def build(cls, vit_config: VisionTowerConfig, pooler_config: PoolerConfig, embedding_table: torch.Tensor,
-              context_length: int) -> ViLexEncoder:
+              context_length: int, output_heads: Sequence[int] | None = None) -> ViLexEncoder:
         """A new encoder (tower pretrained or random-init, pooler random-init) for a decoder whose token
-        embedding matrix is ``embedding_table`` (V, D) and whose text context holds ``context_length`` tokens."""
+        embedding matrix is ``embedding_table`` (V, D), split into ``output_heads`` parts (one per text encoder;
+        None = one), and whose text context holds ``context_length`` tokens."""
         check_num_tokens(pooler_config.num_tokens, context_length, what="pooler.num_tokens")
         tower = build_vision_tower(vit_config)
         pooler = AttentionPooler(
             num_tokens=pooler_config.num_tokens, input_width=tower.hidden_size,
             output_width=int(embedding_table.shape[-1]), width=pooler_config.width, depth=pooler_config.depth,
-            heads=pooler_config.heads, mlp_ratio=pooler_config.mlp_ratio, output_norm=pooler_config.output_norm)
+            heads=pooler_config.heads, mlp_ratio=pooler_config.mlp_ratio, output_norm=pooler_config.output_norm,
+            output_heads=list(output_heads) if output_heads and len(output_heads) > 1 else None)
         pooler.set_embedding_statistics(embedding_table)
         return cls(tower, pooler)
 

@@ -56,7 +56,8 @@ class ViLexModel(nn.Module):
         """A fresh model: decoder loaded (frozen), ViT pretrained or random-init, pooler random-init."""
         config.validate()
         decoder = build_frozen_decoder(config.decoder)
-        encoder = ViLexEncoder.build(config.vit, config.pooler, decoder.embedding_table, decoder.context_length)
+        encoder = ViLexEncoder.build(config.vit, config.pooler, decoder.embedding_table, decoder.context_length,
+                                     decoder.token_heads)
         model = cls(encoder, decoder, config)
         model.log_trainable()
         return model

@@ -145,7 +145,8 @@ def plan_pretrain(cfg: Any, resume: str | None = None, processes: int = 1, title
     if decoder is not None:
         with run.check("model.vit / model.pooler"):
             with weightless():
-                encoder = ViLexEncoder.build(mc.vit, mc.pooler, decoder.embedding_table, decoder.context_length)
+                encoder = ViLexEncoder.build(mc.vit, mc.pooler, decoder.embedding_table, decoder.context_length,
+                                             decoder.token_heads)
             source = "random init (model.vit.init)" if mc.vit.init is not None else mc.vit.name_or_path
             run.fact("vision tower", f"{mc.vit.type} from {source}: input {encoder.image_size}², width "
                                      f"{encoder.vit.hidden_size}, feature_layer {mc.vit.feature_layer}")
