@@ -41,14 +41,14 @@ elapsed() { echo $(( $(date +%s) - START )); }
 # name | --set overrides on configs/vilex/toy.yaml (batch 128, learning rates 4e-4 / 2e-3, high-noise share 0.5).
 # The six variants compared for configs/vilex/toy.yaml (hn50_b128 = the file unchanged; results in docs/EXPERIMENTS.md).
 # B32 = batch 32 with half the file's learning rates.
-B32="train.micro_batch_size=32 train.optim.lr_vit=2.0e-4 train.optim.lr_pooler=1.0e-3"
+B32="train.global_batch_size=32 train.optim.lr_vit=2.0e-4 train.optim.lr_pooler=1.0e-3"
 VARIANTS=(
   "hn25|$B32 model.decoder.high_noise_fraction=0.25"
   "hn50|$B32"
   "hn75|$B32 model.decoder.high_noise_fraction=0.75"
   "hn50_b128|"
   "hn50_uniform|$B32 model.taildrop.distribution=uniform"
-  "hn50_lr3x|train.micro_batch_size=32 train.optim.lr_vit=6.0e-4 train.optim.lr_pooler=3.0e-3"
+  "hn50_lr3x|train.global_batch_size=32 train.optim.lr_vit=6.0e-4 train.optim.lr_pooler=3.0e-3"
 )
 NV=${#VARIANTS[@]}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NV > 0 ? $(nproc) / NV : 1 ))}
@@ -90,7 +90,7 @@ import json, re, sys
 import yaml
 name, budget = sys.argv[1], float(sys.argv[2])
 try:  # the last logged window's throughput (the first steps carry CUDA start-up), else the whole loop's
-    batch = yaml.safe_load(open(f"/tmp/probe_{name}/config.yaml"))["train"]["micro_batch_size"]
+    batch = yaml.safe_load(open(f"/tmp/probe_{name}/config.yaml"))["train"]["global_batch_size"]
     rates = re.findall(r"images_per_s=([0-9.]+)", open(f"/tmp/probe_{name}.log").read())
     summ = json.load(open(f"/tmp/probe_{name}/summary.json"))
     per_step = batch / float(rates[-1]) if rates else summ["this_run"]["loop_seconds"] / summ["steps"]
