@@ -97,21 +97,17 @@ def test_a_resolution_the_decoder_cannot_take_is_a_problem(world, tmp_path, caps
 @pytest.fixture(scope="module")
 def sd15_configs_only(world, tmp_path_factory):
     """SD 1.5 and SigLIP-so400m folders holding their real configs and NO weights: only a dry run can build them."""
-    from transformers import CLIPTextConfig, CLIPTokenizer, SiglipVisionConfig
+    from transformers import CLIPTokenizer, SiglipVisionConfig
 
-    from vilex.models.reference_archs import REFERENCE_ARCHS, build_reference
+    from vilex.models.reference_archs import REFERENCE_ARCHS, save_config_only
 
     root = tmp_path_factory.mktemp("configs_only")
     sd = root / "sd15"
-    hub = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    for part in ("unet", "vae"):
-        build_reference(hub, part).save_config(sd / part)
     for part in ("tokenizer", "scheduler"):
         shutil.copytree(world / "decoder" / part, sd / part)
     # the tiny decoder's tokenizer stands in for SD's (its vocabulary must match the text encoder's)
-    vocab = len(CLIPTokenizer.from_pretrained(sd / "tokenizer"))
-    CLIPTextConfig(**dict(REFERENCE_ARCHS[hub]["text_encoder"], vocab_size=vocab)).save_pretrained(sd / "text_encoder")
-    (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    save_config_only("stable-diffusion-v1-5/stable-diffusion-v1-5", sd,
+                     vocab_size=len(CLIPTokenizer.from_pretrained(sd / "tokenizer")))
     SiglipVisionConfig(**REFERENCE_ARCHS["google/siglip-so400m-patch14-224"]["vision"]).save_pretrained(root / "siglip")
     return root
 

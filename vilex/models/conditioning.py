@@ -189,7 +189,7 @@ def clip_hidden_states(text_encoder: Any, special: SpecialTokens, vilex_tokens: 
     layers = core.encoder.layers
     if num_layers is None:
         num_layers = len(layers)
-    if not 0 < num_layers <= len(layers):
+    if not 0 <= num_layers <= len(layers):
         raise UserError(f"the decoder's text encoder has {len(layers)} layers: cannot take the output of layer "
                         f"{num_layers} (decoder.clip_skip too large?)")
     states = [hidden]

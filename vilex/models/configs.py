@@ -80,7 +80,8 @@ class TailDropConfig:
 class DecoderConfig:
     """The frozen text-to-image decoder (a diffusers pipeline folder layout)."""
 
-    type: str = cfg_field("stable_diffusion", help="registry name in FROZEN_DECODERS: 'stable_diffusion' | 'pixel_unet'")
+    type: str = cfg_field("stable_diffusion", help="registry name in FROZEN_DECODERS: stable_diffusion (SD 1.x/2.x) | "
+                                                  "stable_diffusion_xl | pixel_unet")
     name_or_path: str = cfg_field("stabilityai/stable-diffusion-2-1-base",
                                   help="hub id or local folder with unet/ text_encoder/ tokenizer/ scheduler/ [vae/]")
     resolution: int | None = cfg_field(

@@ -397,3 +397,7 @@ class PixelUNetDecoder(FrozenDecoder):
 def build_frozen_decoder(config: DecoderConfig) -> FrozenDecoder:
     """The decoder named by ``config.type``, loaded from ``config.name_or_path`` (hub id or local folder)."""
     return FROZEN_DECODERS.get(config.type).from_config(config)
+
+
+# decoders defined in their own files register themselves on import (they subclass the ones above)
+from vilex.models import sdxl as _sdxl  # noqa: E402,F401  (registers "stable_diffusion_xl")

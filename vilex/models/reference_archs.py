@@ -9,6 +9,7 @@ choose a class for loading real weights.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +45,26 @@ SD15 = {
     "image_size": 512,
 }
 
+# stabilityai/stable-diffusion-xl-base-1.0: unet/, text_encoder_2/ (OpenCLIP bigG, with projection) config.json;
+# text_encoder/ is CLIP-L as in SD 1.5; the VAE is SD's architecture with SDXL's scaling factor
+SDXL_BASE = {
+    "unet": dict(in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280],
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                 transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20], cross_attention_dim=2048,
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816, norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True,
+                 freq_shift=0, downsample_padding=1, mid_block_scale_factor=1, center_input_sample=False,
+                 sample_size=128),
+    "vae": dict(_SD_VAE, scaling_factor=0.13025, sample_size=1024),
+    "text_encoder": SD15["text_encoder"],
+    "text_encoder_2": dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                           num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+                           bos_token_id=49406, eos_token_id=49407, pad_token_id=1),
+    "prediction_type": "epsilon",
+    "image_size": 1024,
+}
+
 SIGLIP_SO400M_224 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                          image_size=224, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
 SIGLIP_SO400M_384 = dict(SIGLIP_SO400M_224, image_size=384)
@@ -53,6 +74,7 @@ SIGLIP_BASE_224 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layer
 REFERENCE_ARCHS: dict[str, dict[str, Any]] = {
     "stabilityai/stable-diffusion-2-1-base": SD21_BASE,
     "stable-diffusion-v1-5/stable-diffusion-v1-5": SD15,
+    "stabilityai/stable-diffusion-xl-base-1.0": SDXL_BASE,
     "google/siglip-so400m-patch14-224": {"vision": SIGLIP_SO400M_224},
     "google/siglip-so400m-patch14-384": {"vision": SIGLIP_SO400M_384},
     "google/siglip-base-patch16-224": {"vision": SIGLIP_BASE_224},
@@ -75,8 +97,29 @@ def build_reference(hub_id: str, part: str, device: str | torch.device = "meta")
             from transformers import CLIPTextConfig, CLIPTextModel
 
             return CLIPTextModel(CLIPTextConfig(**arch["text_encoder"]))
+        if part == "text_encoder_2" and "text_encoder_2" in arch:
+            from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+            return CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_encoder_2"]))
         if part == "vision":
             from transformers import SiglipVisionConfig, SiglipVisionModel
 
             return SiglipVisionModel(SiglipVisionConfig(**arch["vision"]))
     raise KeyError(f"{hub_id} has no part '{part}'")
+
+
+def save_config_only(hub_id: str, folder: str | Path, vocab_size: int | None = None) -> Path:
+    """A diffusers pipeline folder of ``hub_id``'s model parts holding their configs and NO weights: what a dry run
+    (``vilex.models.registry.weightless``) builds at real shapes. Tokenizers and the scheduler are not written (copy
+    a tiny one in); ``vocab_size`` resizes the text encoders to match it."""
+    from transformers import CLIPTextConfig
+
+    folder = Path(folder)
+    arch = REFERENCE_ARCHS[hub_id]
+    for part in ("unet", "vae"):
+        build_reference(hub_id, part).save_config(folder / part)
+    for part in ("text_encoder", "text_encoder_2"):
+        if part in arch:
+            values = dict(arch[part], **({"vocab_size": vocab_size} if vocab_size else {}))
+            CLIPTextConfig(**values).save_pretrained(folder / part)
+    return folder

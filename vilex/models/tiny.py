@@ -186,6 +186,44 @@ def build_tiny_pixel_decoder(folder: str | Path, pad: Literal["eos", "!"] = "eos
     return folder
 
 
+def build_tiny_sdxl(folder: str | Path, width: int = 32, width_2: int = 48, projection_dim: int = 16,
+                    text_layers: int = 2, image_size: int = 16, time_embed_dim: int = 8, seed: int = 0) -> Path:
+    """A tiny SDXL-like pipeline folder: CLIP-L-like and bigG-like text encoders of different widths (the second
+    with a projection), tokenizers padding with EOS and "!" as SDXL's do, a UNet with SDXL's 'text_time' added
+    conditioning (6 size ids + the pooled projection) and cross-attention over both widths, a 2x VAE."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = write_tiny_clip_tokenizer(folder / "_tok1", pad="eos")
+        tokenizer_2 = write_tiny_clip_tokenizer(folder / "_tok2", pad="!")
+        text_encoder = _tiny_text_encoder(len(tokenizer), width, text_layers, 77, tokenizer)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer_2), hidden_size=width_2, intermediate_size=2 * width_2,
+            num_hidden_layers=text_layers + 1, num_attention_heads=max(1, width_2 // 16), max_position_embeddings=77,
+            projection_dim=projection_dim, bos_token_id=tokenizer_2.bos_token_id,
+            eos_token_id=tokenizer_2.eos_token_id, pad_token_id=tokenizer_2.pad_token_id))
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(width, width),
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            layers_per_block=1, norm_num_groups=8, sample_size=image_size, scaling_factor=0.13025)
+        unet = UNet2DConditionModel(
+            sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(width, 2 * width), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=width + width_2,
+            attention_head_dim=8, norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim, projection_class_embeddings_input_dim=6 * time_embed_dim +
+            projection_dim)
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                                         scheduler=_scheduler("epsilon"), force_zeros_for_empty_prompt=True)
+        pipe.save_pretrained(str(folder), safe_serialization=True)
+    _remove_tree(folder / "_tok1")
+    _remove_tree(folder / "_tok2")
+    return folder
+
+
 def build_tiny_siglip(folder: str | Path, width: int = 32, layers: int = 2, image_size: int = 16,
                       patch_size: int = 4, seed: int = 0) -> Path:
     """A tiny ``SiglipVisionModel`` folder (no MAP head)."""
