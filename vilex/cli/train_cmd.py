@@ -61,7 +61,10 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- vilex cache-latents
 def _cache_args(p: argparse.ArgumentParser) -> None:
+    from vilex.cli.stage1_cmd import add_device_arg
+
     add_config_args(p, "latent_cache.dtype=float16", required=True)
+    add_device_arg(p)
 
 
 @command("cache-latents", help="precompute the VAE posterior (mean, std) of every training image")(_cache_args)
@@ -70,8 +73,11 @@ def _cache_latents(args: argparse.Namespace) -> int:
     from vilex.train.data import model_views
     from vilex.train.latent_cache import LatentCache
 
+    from vilex.train.distributed import resolve_device
+
     cfg = _load_pretrain_config(args)
     model = ViLexModel.from_config(cfg.model)
+    model.decoder.to(resolve_device(args.device, "--device"))  # the VAE encodes every image there
     if not model.decoder.has_vae:
         print(f"decoder '{cfg.model.decoder.type}' works in pixel space: nothing to cache", file=sys.stderr)
         return 0

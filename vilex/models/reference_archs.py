@@ -120,6 +120,8 @@ def save_config_only(hub_id: str, folder: str | Path, vocab_size: int | None = N
         build_reference(hub_id, part).save_config(folder / part)
     for part in ("text_encoder", "text_encoder_2"):
         if part in arch:
-            values = dict(arch[part], **({"vocab_size": vocab_size} if vocab_size else {}))
+            # a stand-in vocabulary: the real special-token ids would lie outside it
+            resized = {"vocab_size": vocab_size, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+            values = dict(arch[part], **(resized if vocab_size else {}))
             CLIPTextConfig(**values).save_pretrained(folder / part)
     return folder

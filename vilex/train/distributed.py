@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -55,7 +56,11 @@ def init_process_group_if_needed(backend: str | None = None) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local)
-    dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    # Collectives wait this long before failing: long enough for rank 0 to build a latent cache while the others
+    # wait at a barrier (the libraries' 10-30 min defaults would abort a large first run); build big caches
+    # beforehand with `vilex cache-latents`.
+    minutes = float(os.environ.get("VILEX_COLLECTIVE_TIMEOUT_MIN", "120"))
+    dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=minutes))
 
 
 def barrier() -> None:

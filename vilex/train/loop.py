@@ -103,6 +103,7 @@ class Pretrainer(TrainTask):
         views = model_views(self.model, cfg.data.train)
         self.loader = training_loader(self.model, cfg.data.train, self.batch.micro_batch_size, tc.seed, self.rank, self.world,
                                       views=views)
+        self.decoder.to(self.strategy.device)  # before the latent cache: a cache miss encodes on this device
         self.cache = None
         if self.decoder.vae is not None and cfg.latent_cache.enabled:
             self.cache = LatentCache.open_or_build(cfg.latent_cache, self.decoder, cfg.data.train,
@@ -119,7 +120,6 @@ class Pretrainer(TrainTask):
         optim_kwargs = {"betas": tc.optim.betas, "eps": tc.optim.eps, "weight_decay": tc.optim.weight_decay}
         self.strategy.prepare(self.encoder, param_groups,
                               warmup_cosine(tc.optim.warmup_steps, tc.max_steps, tc.optim.min_lr_ratio), optim_kwargs)
-        self.decoder.to(self.strategy.device)
         self.ema = EMA(self.encoder, tc.ema_decay) if tc.ema_decay else None
         if self.ema and getattr(self.strategy, "zero_stage", 0) == 3:
             raise UserError("train.ema_decay is not supported with ZeRO-3 (parameters are partitioned); use ZeRO-2")
