@@ -1,4 +1,5 @@
-"""The package layering contract: ``vilex`` <- ``vlm`` <- ``benchmarks`` <- ``toy``, and ``toy.scenes`` is a leaf.
+"""The package layering contract: ``vilex`` <- ``vlm`` <- ``benchmarks`` <- ``toy`` <- ``serve``, and ``toy.scenes`` is
+a leaf.
 
 A module may import its own package and the packages below it, never one above (imports inside functions count:
 a lazy import is still a dependency); no package below ``toy`` imports any part of it. ``toy.scenes`` (the scene
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = ("vilex", "vlm", "benchmarks", "toy")  # bottom to top
+LAYERS = ("vilex", "vlm", "benchmarks", "toy", "serve")  # bottom to top
 LEAF = "toy.scenes"
 LEAF_THIRD_PARTY = {"numpy", "PIL", "pyarrow", "tqdm"}
 
