@@ -63,6 +63,9 @@ class SourceConfig:
     split: str = cfg_field("train", help="hf only: the split of a saved DatasetDict")
     max_pixels: int = cfg_field(DEFAULT_MAX_PIXELS, ge=1, help="images with more pixels are 'decompression_bomb'")
     min_side: int = cfg_field(DEFAULT_MIN_SIDE, ge=1, help="images with a shorter side are 'too_small'")
+    num_workers: int = cfg_field(
+        0, ge=0, help="decode in N worker processes (same batches, skips and resume as 0 = in this process)"
+    )
 
     def validate(self) -> None:
         from vilex.data.sources import IMAGE_SOURCES  # the package import registers every source

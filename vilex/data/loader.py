@@ -18,11 +18,17 @@ there, so ``state_dict()`` taken between batches describes exactly what has been
 ``load_state_dict(state)`` yields exactly the remaining batches (same samples, order, tensors) and
 ends with the same summary. Nothing before the position is read or decoded again.
 
-Why one process (no DataLoader workers): "the next batch_size samples that decode" makes batch
-boundaries depend on every earlier sample, which parallel workers cannot know without losing the
-exact position; and PIL's bomb warning is turned into an error through the process-global warnings
-filter, which threads would race on. Decoding a few images per step is cheap next to a diffusion
-step; web-scale runs use the webdataset source with one loader per rank.
+Workers (``num_workers=N``, vilex/data/parallel.py). "The next batch_size samples that decode" makes
+batch boundaries depend on every earlier sample, so workers never decide anything: this process walks
+the order above, reads each sample's bytes and hands them out, at most ``prefetch`` samples ahead; N
+worker processes (not threads: PIL's bomb warning becomes an error through the process-global warnings
+filter, which threads would race on) decode them; outcomes are consumed strictly in order, and each
+decoded sample is copied by its worker into its row of the batch, a tensor in shared memory. Skips,
+batch boundaries, counts and ``state_dict()`` are therefore those of ``num_workers=0`` — the same
+batches, bit for bit — and a saved state resumes with any worker count (read-ahead not yet consumed is
+simply decoded again). ``num_workers=0`` decodes in this process, as always. Call ``close()`` (or use
+the loader as a context manager) to stop the workers early; they also stop when the loader is
+garbage-collected, at exit, or when this process dies.
 
 Iterating a loader continues from its current position through the remaining epochs
 (``epochs=None``: forever). Use one iterator at a time.
@@ -40,6 +46,7 @@ import torch
 
 from vilex.data.config import DataConfig, ViewConfig
 from vilex.data.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, BadSample, decode_image
+from vilex.data.parallel import DecodePool, default_window
 from vilex.data.skips import SkipCounter
 from vilex.data.sources import ImageSource, MapImageSource, RawSample, ShardedImageSource, build_source
 from vilex.data.views import render_view
@@ -78,6 +85,10 @@ def epoch_permutation(n: int, seed: int, epoch: int, *salt: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, *salt]).permutation(n)
 
 
+def _raise(error: BaseException) -> RawSample:
+    raise error
+
+
 class ImageLoader:
     """Batches of decoded, resized, normalised images from an ``ImageSource`` (see the module docstring)."""
 
@@ -95,9 +106,13 @@ class ImageLoader:
         world_size: int = 1,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         min_side: int = DEFAULT_MIN_SIDE,
+        num_workers: int = 0,
+        prefetch: int | None = None,
     ) -> None:
         if batch_size < 1 or seed < 0 or (epochs is not None and epochs < 1):
             raise ValueError(f"need batch_size >= 1, seed >= 0, epochs >= 1 or None; got {batch_size}, {seed}, {epochs}")
+        if num_workers < 0 or (prefetch is not None and prefetch < 1):
+            raise ValueError(f"need num_workers >= 0 and prefetch >= 1 or None; got {num_workers}, {prefetch}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if source.size < world_size:
@@ -109,6 +124,10 @@ class ImageLoader:
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self.epochs, self.rank, self.world_size = epochs, rank, world_size
         self.max_pixels, self.min_side = max_pixels, min_side
+        # Workers start on the first iteration and live until close(); ``prefetch``: samples read ahead.
+        self.num_workers = num_workers
+        self.prefetch = prefetch or (default_window(num_workers, batch_size, self.views) if num_workers else 0)
+        self._pool: DecodePool | None = None
         self._order_cache: tuple[int, np.ndarray] | None = None
         # What state_dict() saves; consistent whenever the iterator is paused at a yield.
         self._epoch = 0
@@ -127,6 +146,18 @@ class ImageLoader:
         while self.epochs is None or self._epoch < self.epochs:
             yield from self._epoch_batches_from_position()
             self._end_epoch()
+
+    def close(self) -> None:
+        """Stop and reap the decode workers, if any (idempotent; iterating again starts new ones)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self) -> ImageLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def state_dict(self) -> dict[str, Any]:
         """A JSON-safe snapshot of the position and counters after the last batch handed out."""
@@ -213,7 +244,9 @@ class ImageLoader:
             sample_start = first_sample if shard_slot == first_slot else 0
             with source.open_shard(shard) as reader:
                 if reader.error and sample_start == 0:  # counted when the shard is first opened
-                    self._skip("bad_shard", source.shards[shard], reader.error)
+                    # An item whose read fails, so the skip is counted when the consumer reaches it, in order
+                    # (the workers' read-ahead opens shards before earlier samples are consumed).
+                    yield (shard_slot, 0), source.shards[shard], partial(_raise, BadSample("bad_shard", reader.error))
                 n = len(reader.keys)
                 order = epoch_permutation(n, self.seed, epoch, shard) if self.shuffle else np.arange(n)
                 for sample_slot in range(sample_start, n):
@@ -223,6 +256,9 @@ class ImageLoader:
 
     # ------------------------------------------------------------------ batches
     def _epoch_batches_from_position(self) -> Iterator[Batch]:
+        if self.num_workers:
+            yield from self._epoch_batches_in_workers()
+            return
         pending: list[_Sample] = []
         for position_after, key, read in self._items(self._epoch, self._position):
             sample = self._load(key, read)
@@ -237,6 +273,34 @@ class ImageLoader:
             log.debug("%s: dropped the last %d samples of epoch %d (drop_last)", self.source, len(pending), self._epoch)
         elif pending:
             yield self._hand_out(pending, self._end_position())
+
+    def _epoch_batches_in_workers(self) -> Iterator[Batch]:
+        """``_epoch_batches_from_position`` with decoding in the pool: the same loop over the same order; the
+        workers write each decoded sample straight into its batch's row (vilex/data/parallel.py)."""
+        if self._pool is None or self._pool.closed:
+            self._pool = DecodePool(self.num_workers, self.views, max_pixels=self.max_pixels, min_side=self.min_side,
+                                    window=self.prefetch, name=str(self.source))
+        run = self._pool.decode_in_order(self._items(self._epoch, self._position), self.batch_size)
+        keys: list[str] = []
+        metas: list[dict[str, Any]] = []
+        try:
+            for position_after, key, outcome in run:
+                if isinstance(outcome, BadSample):
+                    self._skip(outcome.reason, key, outcome.detail)
+                    continue
+                self._epoch_good += 1
+                keys.append(outcome.key)
+                metas.append(outcome.meta)
+                if len(keys) == self.batch_size:
+                    yield self._batch(run.take_batch(), keys, metas, position_after)
+                    keys, metas = [], []
+            if keys and self.drop_last:
+                self._dropped_last += len(keys)
+                log.debug("%s: dropped the last %d samples of epoch %d (drop_last)", self.source, len(keys), self._epoch)
+            elif keys:
+                yield self._batch(run.take_batch(), keys, metas, self._end_position())
+        finally:
+            run.close()
 
     def _end_position(self) -> Position:
         if isinstance(self.source, ShardedImageSource):
@@ -262,12 +326,17 @@ class ImageLoader:
         log.log(level, "skipped %s in %s: %s%s%s", key, self.source, reason, f" ({detail})" if detail else "", more)
 
     def _hand_out(self, samples: list[_Sample], position_after: Position) -> Batch:
+        images = {name: torch.stack([s.images[name] for s in samples]) for name in self.views}
+        return self._batch(images, [s.key for s in samples], [s.meta for s in samples], position_after)
+
+    def _batch(self, images: dict[str, torch.Tensor], keys: list[str], metas: list[dict[str, Any]],
+               position_after: Position) -> Batch:
+        """Move the position past the batch's last sample and count it: the only place the position moves."""
         self._position = position_after
-        self._samples += len(samples)
+        self._samples += len(keys)
         self._batches += 1
         self._epoch_batches += 1
-        images = {name: torch.stack([s.images[name] for s in samples]) for name in self.views}
-        return Batch(images=images, keys=[s.key for s in samples], meta=[s.meta for s in samples])
+        return Batch(images=images, keys=keys, meta=metas)
 
     def _end_epoch(self) -> None:
         where = f" (rank {self.rank} of {self.world_size})" if self.world_size > 1 else ""
@@ -299,6 +368,7 @@ def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1) -> Imag
         world_size=world_size,
         max_pixels=cfg.max_pixels,
         min_side=cfg.min_side,
+        num_workers=cfg.num_workers,
     )
 
 

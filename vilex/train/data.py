@@ -42,4 +42,5 @@ def training_loader(model, data_cfg: TrainingSourceConfig | DataConfig, batch_si
         world_size=world_size,
         max_pixels=data_cfg.max_pixels,
         min_side=data_cfg.min_side,
+        num_workers=data_cfg.num_workers,
     )
