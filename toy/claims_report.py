@@ -107,7 +107,7 @@ def ship_vilex_run(run_dir: str | Path, out: str | Path, assets: str | Path, tes
     ``recipe.json`` (the run's config, seed, commit, steps, wall time and the claims)."""
     import yaml
 
-    from vilex.checkpoint import CheckpointManager, atomic_dir
+    from vilex.checkpoint import CheckpointManager, atomic_dir, write_manifest
     from toy.recipe import write_recipe
 
     run_dir, assets = Path(run_dir), Path(assets)
@@ -122,6 +122,7 @@ def ship_vilex_run(run_dir: str | Path, out: str | Path, assets: str | Path, tes
     with atomic_dir(out) as tmp:
         shutil.copytree(ckpt / "pipeline", tmp, dirs_exist_ok=True)
         repo_relative_references(tmp / "vilex_config.json")
+        write_manifest(tmp)  # the copied manifest describes the config before its references were rewritten
         results, body = measure_checkpoint(tmp, assets / "decoder", assets / "probe", test_split, tmp, "shipped",
                                            n, seed, device, tfg_scale)
         (tmp / "claims.md").write_text(f"# Toy ViLex ({ckpt.name}): claims on {n} held-out scenes of "
