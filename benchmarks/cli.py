@@ -4,6 +4,8 @@
     vilex eval --config SWEEP.yaml --dry-run                       resolve everything, print the plan, run nothing
     vilex eval --config SWEEP.yaml --cache DIR                     ... on prepared task copies, offline
     vilex eval prepare --suite SWEEP.yaml --cache DIR [--force]    save every task's data (needs network)
+    vilex eval prepare --check DIR                                 verify a cache made elsewhere; relink it if moved
+    vilex eval mirror --suite SWEEP.yaml --out DIR [--rows N]      schema-faithful local stand-ins of every task
     vilex eval report RUN_DIR [--baseline LABEL]                  results.csv, results.md, results.png
     vilex eval toy-tasks --split DIR/test --out TASKS_DIR          materialise the toy suite for --include_path
 
@@ -28,6 +30,9 @@ examples:
   vilex eval report runs/bench/paper15 --baseline siglip
   vilex eval prepare --suite configs/benchmarks/paper15.yaml --cache /data/bench-cache
   vilex eval --config configs/benchmarks/paper15.yaml --cache /data/bench-cache
+  vilex eval prepare --check /data/bench-cache
+  vilex eval mirror --suite configs/benchmarks/paper15.yaml --out runs/bench/mirror15
+  vilex eval --config configs/benchmarks/paper15.yaml --cache runs/bench/mirror15
   vilex eval toy-tasks --split runs/toy/data/test --out runs/toy/tasks
 
 Several `vilex eval` processes may share one output_dir (other nodes, other devices): each pair runs once.
@@ -47,11 +52,22 @@ def _configure(p: argparse.ArgumentParser) -> None:
     actions = p.add_subparsers(dest="eval_action", metavar="ACTION")
     prep = actions.add_parser("prepare", help="materialise each task's data (save_to_disk) + load_from_disk task "
                                              "YAMLs under DIR/tasks, for offline sweeps")
-    prep.add_argument("--suite", required=True, help="a sweep YAML (its tasks and include_path)")
-    prep.add_argument("--cache", type=Path, required=True, metavar="DIR")
+    prep.add_argument("--suite", default=None, help="a sweep YAML (its tasks and include_path)")
+    prep.add_argument("--cache", type=Path, default=None, metavar="DIR")
     prep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a suite value, e.g. --set tasks=[vilex_toy_colour] (repeatable)")
     prep.add_argument("--force", action="store_true", help="re-download data already saved under DIR")
+    prep.add_argument("--check", type=Path, default=None, metavar="DIR",
+                      help="verify the prepared cache DIR (made elsewhere): integrity records, row counts and "
+                           "fingerprints against prepared.json, each task's columns against its expected schema; "
+                           "relink its task copies if the cache moved. With --suite: exactly the suite's tasks")
+    mir = actions.add_parser("mirror", help="a small local dataset in each task's REAL schema (a prepared cache "
+                                            "marked MIRROR): run every task's own code end to end, offline")
+    mir.add_argument("--suite", required=True, help="a sweep YAML (its tasks)")
+    mir.add_argument("--out", type=Path, required=True, metavar="DIR")
+    mir.add_argument("--rows", type=int, default=8, metavar="N",
+                     help="rows per split before each task's process_docs (default 8; MME rounds up to pairs)")
+    mir.add_argument("--force", action="store_true", help="rebuild data already mirrored under DIR")
     rep = actions.add_parser("report", help="tables and a plot from a sweep's output_dir")
     rep.add_argument("run_dir", type=Path)
     rep.add_argument("--baseline", default=None, help="model label for the delta columns (default: the sweep's)")
@@ -60,6 +76,21 @@ def _configure(p: argparse.ArgumentParser) -> None:
     toy.add_argument("--split", type=Path, required=True, help="a toy split folder, e.g. DIR/test")
     toy.add_argument("--out", type=Path, required=True)
     toy.add_argument("--max-per-task", type=int, default=None)
+
+
+def _check(args: argparse.Namespace) -> int:
+    """``prepare --check DIR``: one JSON line {task: status}; exit 1 if a task failed (its problems logged)."""
+    from benchmarks.cache_check import check_cache
+
+    tasks = None
+    if args.suite is not None:
+        from benchmarks.sweep import SweepConfig
+        from vilex.config import load_config
+
+        tasks = load_config(SweepConfig, args.suite, args.overrides).tasks
+    report = check_cache(args.check, tasks=tasks)
+    print(json.dumps({t: r["status"] for t, r in report.items()}))
+    return 1 if any(r["status"] == "failed" for r in report.values()) else 0
 
 
 @command("eval", help="lmms-eval benchmark sweeps (resumable), reports, toy tasks")(_configure)
@@ -81,11 +112,25 @@ def _run(args: argparse.Namespace) -> int:
         from benchmarks.sweep import SweepConfig
         from vilex.config import load_config
 
+        if args.check is not None:
+            return _check(args)
+        if args.suite is None or args.cache is None:
+            raise UserError("vilex eval prepare: give --suite SWEEP.yaml --cache DIR, or --check DIR")
         index = prepare_suite(load_config(SweepConfig, args.suite, args.overrides), args.cache, force=args.force)
         print(json.dumps({name: t["status"] for name, t in index["tasks"].items()}))
         return 0
+    if args.eval_action == "mirror":
+        from benchmarks.mirror import mirror_suite
+        from benchmarks.sweep import SweepConfig
+        from vilex.config import load_config
+
+        index = mirror_suite(load_config(SweepConfig, args.suite), args.out, rows=args.rows,
+                             force=args.force)
+        print(json.dumps({name: {"status": t["status"], "rows": {s: v["rows"] for s, v in t["splits"].items()}}
+                          for name, t in index["tasks"].items()}))
+        return 0
     if not args.config:
-        raise UserError("vilex eval: give --config SWEEP.yaml, or an action (report, toy-tasks, prepare)")
+        raise UserError("vilex eval: give --config SWEEP.yaml, or an action (report, toy-tasks, prepare, mirror)")
     from benchmarks.sweep import SweepConfig, format_plan, plan_sweep, run_sweep
     from vilex.config import load_config
 
@@ -98,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps({"pairs": len(plan.pairs), "done": plan.count("done"),
                           "to_run": plan.count("run", "retry", "stale"), "held": plan.count("held"),
                           "workers": len(plan.slots), "processes": len(plan.units)}))
-        return 0
+        return 1 if plan.requirements else 0  # the real run would refuse to start
     summary = run_sweep(cfg)
     print(json.dumps(summary.counts()))
     return 1 if summary.count("failed") else 0

@@ -7,7 +7,10 @@ including ``vilex_tokens``, which has no HF Llava export). Registered through th
 Decisions:
 - Batch size 1 only: lmms-eval's own guide notes LLaVA scores change with batch size; final numbers use 1.
 - The prompt is the model's own ``prompt_ids`` (the training chat template, image tokens first), with any literal
-  ``<image>`` removed from the task's text, exactly one image per doc (more is refused, naming the doc).
+  ``<image>`` removed from the task's text, exactly one image per doc. A doc with several images (SEED-Bench's video
+  questions carry 8 frames, lmms-eval #132) is refused, naming the doc, unless ``multi_image=middle``: then its
+  middle image is used, LLaVA-1.5's SEED-Bench protocol (it evaluates video questions on the middle frame); the
+  number of docs reduced so is logged per task.
 - Greedy unless the task asks ``do_sample``/``temperature > 0``; ``until`` strings cut the decoded text.
 - ``loglikelihood`` is not implemented: the toy suite and the 15 judge-free paper tasks are all ``generate_until``.
 """
@@ -31,9 +34,15 @@ class VilexVLM(lmms):
 
     is_simple = True
 
+    MULTI_IMAGE = ("error", "middle")
+
     def __init__(self, pretrained: str, device: str = "cpu", batch_size: int | str = 1, dtype: str = "float32",
-                 **kwargs: Any) -> None:
+                 multi_image: str = "error", **kwargs: Any) -> None:
         super().__init__()
+        if multi_image not in self.MULTI_IMAGE:
+            raise UserError(f"vilex_vlm: multi_image={multi_image!r}; use one of {list(self.MULTI_IMAGE)}")
+        self.multi_image = multi_image
+        self.reduced: dict[str, int] = {}  # task -> docs whose several images were reduced to the middle one
         from vlm.data import ImageSpec
         from vlm.model import VLM
 
@@ -69,7 +78,16 @@ class VilexVLM(lmms):
         if not visuals:
             return None
         if len(visuals) > 1:
-            raise UserError(f"vilex_vlm: {where} has {len(visuals)} images; the model takes one image per prompt")
+            if self.multi_image == "error":
+                raise UserError(f"vilex_vlm: {where} has {len(visuals)} images; the model takes one image per prompt "
+                                "(model_args multi_image=middle uses the middle one, as LLaVA-1.5 evaluates "
+                                "SEED-Bench's video questions)")
+            task = where.split("/")[0]
+            if task not in self.reduced:
+                log.warning("vilex_vlm: %s has %d images: using the middle one (multi_image=middle); later docs of "
+                            "%s alike, counted", where, len(visuals), task)
+            self.reduced[task] = self.reduced.get(task, 0) + 1
+            visuals = [visuals[len(visuals) // 2]]
         pixels = self.image_spec.render(visuals[0].convert("RGB")).unsqueeze(0)
         return pixels.to(self._device, dtype=next(self.model.parameters()).dtype)
 
@@ -103,4 +121,6 @@ class VilexVLM(lmms):
             text = self.generate_one(context, gen_kwargs, list(visuals or []), f"{task}/{split}/doc {doc_id}")
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             answers.append(text)
+        for task, n in self.reduced.items():
+            log.info("vilex_vlm: %s: %d doc(s) had several images, evaluated on the middle one", task, n)
         return answers

@@ -23,8 +23,14 @@ a plain ``lmms-eval --include_path DIR/tasks`` run; the sweep's worker therefore
 ``include_defaults=False``. By hand: ``lmms-eval --tasks DIR/tasks/<task>/<task>.yaml`` (a YAML path) runs the copy.
 
 Refused before anything is loaded: unknown task names (close names listed), tasks whose data needs media files
-downloaded outside the ``datasets`` copy (``dataset_kwargs`` ``video`` / ``From_YouTube`` / ``builder_script``), and
-``!function`` references from an included YAML in another folder (the copy could not resolve them).
+downloaded outside the ``datasets`` copy (``dataset_kwargs`` ``video`` / ``From_YouTube`` / ``builder_script``),
+``!function`` references from an included YAML in another folder (the copy could not resolve them), and tasks whose
+code imports a module this machine lacks (benchmarks/requirements.py; what only scoring needs — Java, pycocoevalcap
+resources — is logged as a warning here and refused by ``vilex eval`` before it runs anything).
+
+``vilex eval mirror`` (benchmarks/mirror.py) writes through this same code with ``mirror=…``: its data folders are
+``DIR/<task>.mirror``, and ``prepared.json`` (the index and each task folder's) and the YAML header say MIRROR. A
+cache is either all mirror or all real: preparing one kind into the other's folder is refused.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable
@@ -147,12 +154,18 @@ def plan_task(name: str, yaml_path: Path, local: bool) -> TaskPlan:
     return plan
 
 
-def load_task_dataset(plan: TaskPlan, include_path: str | Path | None) -> Any:
-    """The task's DatasetDict exactly as lmms-eval builds it (load_dataset + process_docs)."""
+@lru_cache(maxsize=None)
+def _task_manager(include_path: str | None, include_defaults: bool) -> Any:
+    """One lmms-eval TaskManager per (include_path, defaults) for the whole process: building its index of every
+    built-in task costs seconds, and a suite loads many tasks."""
     from lmms_eval.tasks import TaskManager
 
-    tm = TaskManager(verbosity="WARNING", include_path=str(include_path) if plan.local and include_path else None,
-                     include_defaults=not plan.local)
+    return TaskManager(verbosity="WARNING", include_path=include_path, include_defaults=include_defaults)
+
+
+def load_task_dataset(plan: TaskPlan, include_path: str | Path | None) -> Any:
+    """The task's DatasetDict exactly as lmms-eval builds it (load_dataset + process_docs)."""
+    tm = _task_manager(str(include_path) if plan.local and include_path else None, not plan.local)
     task = tm.load_task_or_group([plan.name])[plan.name]
     return task.dataset
 
@@ -161,7 +174,8 @@ def _fingerprints(ds: Any) -> dict[str, Any]:
     return {s: {"rows": ds[s].num_rows, "fingerprint": getattr(ds[s], "_fingerprint", None)} for s in ds}
 
 
-def _write_task_folder(plan: TaskPlan, data_dir: Path, folder: Path, splits: dict[str, Any]) -> Path:
+def _write_task_folder(plan: TaskPlan, data_dir: Path, folder: Path, splits: dict[str, Any],
+                       mirror: dict[str, Any] | None = None) -> Path:
     cfg = {k: v for k, v in plan.config.items() if k not in DROP_KEYS}
     cfg["dataset_path"] = str(data_dir.resolve())
     cfg["dataset_kwargs"] = {"load_from_disk": True}
@@ -169,8 +183,12 @@ def _write_task_folder(plan: TaskPlan, data_dir: Path, folder: Path, splits: dic
     source["dataset_kwargs"] = {k: v for k, v in (plan.config.get("dataset_kwargs") or {}).items() if k != "token"}
     manifest = {"task": plan.name, "yaml": str(plan.yaml), "source": source,
                 "process_docs_applied": plan.config.get("process_docs") is not None,
+                "process_docs": plan.config.get("process_docs"),  # `vilex eval prepare --check` re-derives the schema
                 "splits": splits, "lmms_eval": version("lmms_eval")}
-    header = (f"# Prepared by `vilex eval prepare` from {plan.yaml}\n"
+    if mirror is not None:
+        manifest["mirror"] = mirror
+    header = ((f"# MIRROR: {mirror['note']}\n" if mirror is not None else "")
+              + f"# Prepared by `vilex eval {'mirror' if mirror is not None else 'prepare'}` from {plan.yaml}\n"
               f"# (data: {source['dataset_path']}"
               + (f", {source['dataset_name']}" if source["dataset_name"] else "")
               + "; saved with save_to_disk; process_docs already applied).\n")
@@ -193,11 +211,43 @@ def _write_task_folder(plan: TaskPlan, data_dir: Path, folder: Path, splits: dic
     return folder / f"{plan.name}.yaml"
 
 
+MIRROR_SUFFIX = ".mirror"  # a mirror's data folder: DIR/<task>.mirror (benchmarks/mirror.py)
+
+
+def data_dir_for(cache: Path, task: str, mirror: bool) -> Path:
+    return cache / (f"{task}{MIRROR_SUFFIX}" if mirror else task)
+
+
+def read_index(cache: str | Path) -> dict[str, Any]:
+    path = Path(cache) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {"tasks": {}}
+
+
+def check_requirements_for_prepare(plans: list[TaskPlan]) -> list[str]:
+    """UserError (nothing written) when a task's code imports a module this machine lacks (lmms-eval could not
+    even load it); returns the lines for what only scoring needs (Java, pycocoevalcap files), logged as warnings:
+    preparing needs neither, the machine that runs the sweep does (``vilex eval`` refuses to start without)."""
+    from benchmarks.requirements import check_tasks, format_missing
+
+    missing = check_tasks({p.name: p.yaml for p in plans})
+    blocking = [m for m in missing if m.stage == "import"]
+    if blocking:
+        raise UserError("prepare: task code needs what this machine lacks (nothing was written):\n  "
+                        + "\n  ".join(format_missing(blocking)))
+    later = format_missing(m for m in missing if m.stage == "run")
+    for line in later:
+        log.warning("prepare: %s (needed where the sweep runs, not to prepare)", line)
+    return later
+
+
 def prepare_suite(cfg: SweepConfig, cache: str | Path, force: bool = False,
                   full_index: Callable[[str | Path | None], dict[str, Path]] = lmms_task_index,
-                  load: Callable[[TaskPlan, str | Path | None], Any] = load_task_dataset) -> dict[str, Any]:
+                  load: Callable[[TaskPlan, str | Path | None], Any] = load_task_dataset,
+                  mirror: dict[str, Any] | None = None) -> dict[str, Any]:
     """Prepare every task of ``cfg`` under ``cache``; returns (and writes to ``cache/prepared.json``) the index
-    ``{"tasks": {name: {"yaml", "data", "status", "splits"}}}``. Names and configs are all checked first."""
+    ``{"tasks": {name: {"yaml", "data", "status", "splits"}}}``. Names, configs and the task code's requirements are
+    all checked first. ``mirror`` (from ``vilex eval mirror``): ``{"note", "rows", "tasks": {name: {...}}}`` —
+    marks the cache, each task folder and each data folder as a mirror."""
     if not cfg.tasks:
         raise UserError("prepare: the suite lists no tasks")
     yamls = resolve_tasks(cfg.tasks, cfg.include_path, full_index)  # typos fail here, before anything runs
@@ -207,13 +257,21 @@ def prepare_suite(cfg: SweepConfig, cache: str | Path, force: bool = False,
     tasks_dir = cache / TASKS_SUBDIR
     if TASKS_SUBDIR in cfg.tasks:
         raise UserError(f"prepare: a task may not be named {TASKS_SUBDIR!r} (the folder of prepared YAMLs)")
+    index_path = cache / MANIFEST
+    index = read_index(cache)
+    if index["tasks"] and bool(index.get("mirror")) != (mirror is not None):
+        held = "a MIRROR (vilex eval mirror)" if index.get("mirror") else "real prepared copies"
+        raise UserError(f"prepare: {cache} holds {held}"
+                        f"; write {'real copies' if mirror is None else 'a mirror'} to another folder (a cache is "
+                        "never part mirror, part real)")
+    requirements = check_requirements_for_prepare(plans)
     tasks_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*tasks_dir.glob(f"{_TMP_PREFIX}*"), *cache.glob(f"{_TMP_PREFIX}*")]:  # a killed earlier run
         shutil.rmtree(stale, ignore_errors=True)
-    index_path = cache / MANIFEST
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {"tasks": {}}
+    if mirror is not None:
+        index["mirror"] = {k: v for k, v in mirror.items() if k != "tasks"}
     for i, plan in enumerate(plans, 1):
-        data_dir, folder = cache / plan.name, tasks_dir / plan.name
+        data_dir, folder = data_dir_for(cache, plan.name, mirror is not None), tasks_dir / plan.name
         where = f"prepare task {i}/{len(plans)} {plan.name}"
         start = time.perf_counter()
         if (data_dir / "dataset_dict.json").is_file() and not force:
@@ -227,7 +285,8 @@ def prepare_suite(cfg: SweepConfig, cache: str | Path, force: bool = False,
                 offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v) == "1"]
                 raise UserError(f"task {plan.name!r}: lmms-eval could not load its dataset "
                                 f"({plan.config.get('dataset_path')}): {type(e).__name__}: {e}"
-                                + (f" ({'/'.join(offline)}=1 is set: prepare needs the network)" if offline else "")
+                                + (f" ({'/'.join(offline)}=1 is set: prepare needs the network)"
+                                   if offline and mirror is None else "")
                                 + f"; tasks prepared so far are kept in {cache}") from e
             missing = [s for s in plan.splits if s not in ds]
             if missing:
@@ -241,11 +300,14 @@ def prepare_suite(cfg: SweepConfig, cache: str | Path, force: bool = False,
         from datasets import load_from_disk
 
         splits = _fingerprints(load_from_disk(str(data_dir)))  # as the saved copy reads back (what runs)
-        yaml_path = _write_task_folder(plan, data_dir, folder, splits)
+        task_mirror = None if mirror is None else {"note": mirror["note"], **mirror.get("tasks", {}).get(plan.name, {})}
+        yaml_path = _write_task_folder(plan, data_dir, folder, splits, task_mirror)
         index["tasks"][plan.name] = {"yaml": str(yaml_path), "data": str(data_dir), "status": status,
-                                     "splits": splits}
+                                     "splits": splits, **({"mirror": True} if mirror is not None else {})}
         index_path.write_text(json.dumps(index, indent=1))
         rows = ", ".join(f"{s} {v['rows']}" for s, v in splits.items())
         log.info("%s: %s (%s rows) in %.1fs", where, "kept existing data" if status == "kept" else "saved",
                  rows, time.perf_counter() - start)
+    index["requirements"] = requirements
+    index_path.write_text(json.dumps(index, indent=1))
     return index

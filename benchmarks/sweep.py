@@ -32,7 +32,15 @@ task with ``include_defaults=False``: the YAML that was hashed is the YAML that 
 
 ``prepared_cache`` (``--cache DIR``) points at a folder written by ``vilex eval prepare`` (benchmarks/prepare.py):
 tasks then resolve only from ``DIR/tasks`` (``load_from_disk`` copies) and the workers run with
-``HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1`` — no network at all.
+``HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1`` — no network at all. A prepared task's key does not depend on where the
+cache lives (its YAML's ``dataset_path`` is hashed by name only), so a cache moved and relinked with ``vilex eval
+prepare --check`` keeps its results. A cache written by ``vilex eval mirror`` (benchmarks/mirror.py) is a MIRROR:
+the sweep then writes to ``<output_dir>-mirror``, its keys start with ``mirror-`` and every result says
+``"mirror": true``, so a mirror's numbers can never pass for a benchmark's.
+
+Before anything runs (and in ``--dry-run``) every task's code is checked for what it needs on this machine
+(benchmarks/requirements.py: modules its ``utils.py`` imports, Java for the COCO caption scorers, pycocoevalcap's
+files); a missing one stops the sweep with one line per task naming what to install.
 """
 from __future__ import annotations
 
@@ -42,6 +50,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,6 +66,7 @@ from typing import Any, Callable, Iterable, Literal
 import yaml
 
 from benchmarks.claims import HOST, Holder, is_stale, new_holder, read_claim, release, try_claim
+from vilex.checkpoint import MANIFEST_NAME
 from vilex.config import cfg_field
 from vilex.errors import ConfigError, UserError
 
@@ -144,12 +154,40 @@ def checkpoint_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
+PREPARED_MANIFEST = "prepared.json"  # benchmarks.prepare.MANIFEST (prepare imports this module)
+
+
+def _location_free(text: str) -> str:
+    """A prepared YAML with its absolute ``dataset_path`` reduced to the data folder's name."""
+    return re.sub(r"(?m)^dataset_path: (.*)$", lambda m: f"dataset_path: {Path(m.group(1).strip()).name}", text)
+
+
 def task_hash(yaml_path: str | Path) -> str:
-    """Hash of the task's folder of config files (YAML templates it may ``include``, utils.py, local data)."""
+    """Hash of the task's folder of config files (YAML templates it may ``include``, utils.py, local data). In a
+    prepared copy (``prepared.json`` beside it) the YAML's ``dataset_path`` counts by its last part only and the
+    folder's integrity record (``manifest.json``, which hashes that path) is left out: moving a cache and relinking
+    it keeps its result keys (its data is in the hash through prepared.json's fingerprints)."""
     folder = Path(yaml_path).parent
+    files = [p for p in folder.iterdir() if p.is_file()]
+    if not (folder / PREPARED_MANIFEST).is_file():
+        h = hashlib.sha256()
+        _hash_files(h, folder, files)
+        return h.hexdigest()
     h = hashlib.sha256()
-    _hash_files(h, folder, [p for p in folder.iterdir() if p.is_file()])
+    for f in sorted(files):
+        if f.name == MANIFEST_NAME:
+            continue
+        data = f.read_bytes()
+        if f.suffix == ".yaml":
+            data = _location_free(data.decode()).encode()
+        h.update(str(f.relative_to(folder)).encode() + b"\0" + data)
     return h.hexdigest()
+
+
+def prepared_task_info(yaml_path: str | Path) -> dict[str, Any]:
+    """The ``prepared.json`` beside a prepared task YAML ({} for other tasks)."""
+    manifest = Path(yaml_path).parent / PREPARED_MANIFEST
+    return json.loads(manifest.read_text()) if manifest.is_file() else {}
 
 
 def result_key(ckpt_hash: str, tsk_hash: str, lmms_version: str, cfg: SweepConfig) -> str:
@@ -288,6 +326,7 @@ class PairOutcome:
     seconds: float = 0.0
     device: str | None = None  # the slot that ran it (done / failed here)
     by: str | None = None  # the other sweep that holds it (elsewhere) or failed it
+    mirror: bool = False  # a mirror task's pair (vilex eval mirror): its score means nothing
 
 
 @dataclass
@@ -301,15 +340,19 @@ class SweepSummary:
         return {s: self.count(s) for s in ("done", "skipped", "failed", "elsewhere")}
 
 
-def plan_pairs(cfg: SweepConfig, tasks: dict[str, Path]) -> list[Pair]:
-    """Every pair, in model-major order, with its result key."""
+MIRROR_KEY_PREFIX = "mirror-"
+
+
+def plan_pairs(cfg: SweepConfig, tasks: dict[str, Path], mirror: set[str] | frozenset[str] = frozenset()
+               ) -> list[Pair]:
+    """Every pair, in model-major order, with its result key (``mirror-…`` for a mirror task)."""
     lmms_version = version("lmms_eval")
     task_hashes = {t: task_hash(p) for t, p in tasks.items()}
     pairs = []
     for label, ckpt in cfg.models.items():
         c_hash = checkpoint_hash(ckpt)
         for t in cfg.tasks:
-            key = result_key(c_hash, task_hashes[t], lmms_version, cfg)
+            key = (MIRROR_KEY_PREFIX if t in mirror else "") + result_key(c_hash, task_hashes[t], lmms_version, cfg)
             pairs.append(Pair(len(pairs), label, t, key, Path(cfg.output_dir) / "results" / label / t / key))
     return pairs
 
@@ -332,6 +375,15 @@ def task_source(cfg: SweepConfig, full_index: Callable[[str | Path | None], dict
         raise UserError(f"prepared_cache {cfg.prepared_cache}: task(s) {missing} not prepared (run `vilex eval "
                         f"prepare --suite SWEEP.yaml --cache {cfg.prepared_cache}` where the network is reachable; "
                         f"prepared: {sorted(local) or 'none'})")
+    moved = []
+    for t in cfg.tasks:
+        m = re.search(r"(?m)^dataset_path: (.*)$", local[t].read_text())
+        if m and not Path(m.group(1).strip()).exists():
+            moved.append(f"{t} (its data: {m.group(1).strip()})")
+    if moved:
+        raise UserError(f"prepared_cache {cfg.prepared_cache}: the task copies point at data that is not there: "
+                        f"{'; '.join(moved)}. A cache moved from elsewhere: verify and relink it with `vilex eval "
+                        f"prepare --check {cfg.prepared_cache}`")
     return root, {t: local[t] for t in cfg.tasks}, local
 
 
@@ -375,6 +427,8 @@ class SweepPlan:
     slots: list[Slot]
     states: dict[int, tuple[str, Holder | str | None]]  # index -> (done | run | retry | stale | held, holder)
     units: list[list[Pair]]  # the units to run (run, retry, stale pairs)
+    mirror: set[str] = field(default_factory=set)  # tasks that are mirrors (vilex eval mirror)
+    requirements: list[str] = field(default_factory=list)  # unmet requirements, one line per task
 
     def count(self, *states: str) -> int:
         return sum(s in states for s, _ in self.states.values())
@@ -395,15 +449,23 @@ def plan_sweep(cfg: SweepConfig, full_index: Callable[[str | Path | None], dict[
     """Resolve everything a sweep needs — config, devices, output_dir, checkpoints, task names, result keys — and
     what each pair's state is now. Raises UserError on the first problem; writes nothing. ``full_index`` defaults
     to lmms-eval's task index (looked up at call time)."""
+    from benchmarks.requirements import check_tasks, format_missing
+
     full_index = full_index or lmms_task_index
     cfg.validate()
     slots = worker_slots(cfg)
-    check_output_dir(cfg.output_dir)
     missing = [f"{label}: {path}" for label, path in cfg.models.items() if not Path(path).exists()]
     if missing:
         raise UserError(f"checkpoint(s) not found: {'; '.join(missing)}")
     include_path, tasks, local = task_source(cfg, full_index)
-    pairs = plan_pairs(cfg, tasks)
+    mirror = {t for t, p in tasks.items() if prepared_task_info(p).get("mirror")}
+    if mirror and "mirror" not in Path(cfg.output_dir).name:
+        # a mirror never writes into (or overwrites the sweep.json of) a real sweep's folder
+        cfg.output_dir = Path(f"{cfg.output_dir}-mirror")
+        log.info("sweep: MIRROR tasks (%s): results go to %s", ", ".join(sorted(mirror)), cfg.output_dir)
+    check_output_dir(cfg.output_dir)
+    requirements = format_missing(check_tasks(tasks))
+    pairs = plan_pairs(cfg, tasks, mirror)
     me = new_holder()
     states: dict[int, tuple[str, Holder | str | None]] = {}
     for p in pairs:
@@ -416,7 +478,7 @@ def plan_sweep(cfg: SweepConfig, full_index: Callable[[str | Path | None], dict[
             states[p.index] = ("retry" if p.error_file.is_file() else "run", None)
     units = make_units([p for p in pairs if states[p.index][0] in ("run", "retry", "stale")], cfg.process_per,
                        len(slots))
-    return SweepPlan(cfg, include_path, tasks, local, pairs, slots, states, units)
+    return SweepPlan(cfg, include_path, tasks, local, pairs, slots, states, units, mirror, requirements)
 
 
 def format_plan(plan: SweepPlan) -> str:
@@ -430,12 +492,19 @@ def format_plan(plan: SweepPlan) -> str:
     local = [t for t in cfg.tasks if t in plan.local]
     hub = [t for t in cfg.tasks if t not in plan.local]
     if cfg.prepared_cache is not None:
-        lines.append(f"tasks: {len(local)} prepared copies under {plan.include_path} (workers run offline)")
+        lines.append(f"tasks: {len(local)} prepared copies under {plan.include_path} (workers run offline)"
+                     + (f"; MIRROR data, not the benchmarks ({len(plan.mirror)} tasks): results are labelled MIRROR"
+                        if plan.mirror else ""))
     else:
         if local:
             lines.append(f"tasks: {', '.join(local)} from include_path {plan.include_path}")
         if hub:
             lines.append(f"tasks: {', '.join(hub)} from lmms-eval's task index")
+    if plan.requirements:
+        lines.append(f"requirements: NOT MET for {len(plan.requirements)} task(s); the sweep would refuse to start:")
+        lines += [f"  {line}" for line in plan.requirements]
+    else:
+        lines.append("requirements: met (task code imports, Java and pycocoevalcap files for the caption scorers)")
     workers = ", ".join(f"{i} on {slot}" for i, slot in enumerate(plan.slots, 1))
     lines.append(f"workers: {len(plan.slots)} at once ({workers}); {len(plan.units)} worker process(es) to start "
                  f"(process_per: {cfg.process_per})")
@@ -537,7 +606,8 @@ class _Runner:
 
     # -- claiming (under self.lock)
     def _outcome(self, pair: Pair, status: str, **kw: Any) -> None:
-        self.outcomes[pair.index] = PairOutcome(pair.model, pair.task, pair.key, status, str(pair.result_dir), **kw)
+        self.outcomes[pair.index] = PairOutcome(pair.model, pair.task, pair.key, status, str(pair.result_dir),
+                                                mirror=pair.task in self.plan.mirror, **kw)
         self.held.pop(pair.index, None)
 
     def _claim(self, pair: Pair) -> bool:
@@ -585,7 +655,8 @@ class _Runner:
             if self.stop.is_set():  # interrupted between taking the unit and starting its worker
                 return
             specs = [{"task": p.task, "key": p.key, "out": str(p.result_dir.resolve()),
-                      "include_defaults": p.task not in self.plan.local} for p in unit]
+                      "include_defaults": p.task not in self.plan.local, "mirror": p.task in self.plan.mirror}
+                     for p in unit]
             model_args = ",".join(a for a in (f"pretrained={Path(cfg.models[first.model]).resolve()}",
                                               cfg.model_args) if a)
             spec = {**self.common, "model_args": model_args, "device": slot.device,
@@ -690,7 +761,7 @@ class _Runner:
             pair = self.plan.pairs[index]
             log.info("%s: still held by %s (another sweep)", _progress(self.cfg, pair.model, pair.task), holder)
             self.outcomes[index] = PairOutcome(pair.model, pair.task, pair.key, "elsewhere", str(pair.result_dir),
-                                               by=str(holder))
+                                               by=str(holder), mirror=pair.task in self.plan.mirror)
         return SweepSummary([self.outcomes[i] for i in range(len(self.plan.pairs))])
 
 
@@ -706,6 +777,9 @@ def run_sweep(cfg: SweepConfig, launch: Launcher = subprocess_launch,
     failed: ERROR | held by …`` and, after each finished unit, the sweep's elapsed time and pairs left. SIGTERM is
     handled like Ctrl-C: the workers are stopped and this sweep's claims released."""
     plan = plan_sweep(cfg, full_index)  # before anything runs
+    if plan.requirements:
+        raise UserError("sweep: task requirements missing on this machine (nothing ran):\n  "
+                        + "\n  ".join(plan.requirements))
     out = Path(cfg.output_dir)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     log.info("sweep: %d pairs, %d done, %d to run, %d held by another sweep; %d worker(s): %s",

@@ -11,12 +11,19 @@ writes ``out/error.json`` instead and exits 1; the sweep records it and goes on.
 ``process_per: model``) evaluates those tasks in turn in this one process, writing each result when it is done.
 A worker whose sweep process dies exits too: the sweep's claims on its pairs go stale and a later sweep reruns them,
 so an orphan must not go on writing the same result folders.
+
+Each task runs with its own scratch folder as the working directory: task code writes side files relative to it
+(lmms-eval's ``generate_submission_file`` puts ``submissions/*.json`` in the working directory when no output path
+is given — the caption tasks' predictions, VQA submission files). They end up in the result folder under
+``task_files/``, instead of in whatever folder the sweep was started from, where workers side by side would
+overwrite each other's.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -56,13 +63,21 @@ def evaluate_one(spec: dict[str, Any], managers: dict[bool, Any] | None = None) 
             "samples": out.get("samples", {}).get(task, [])}
 
 
-def write_result(out_dir: Path, spec: dict[str, Any], result: dict[str, Any], seconds: float) -> None:
+TASK_FILES = "task_files"
+
+
+def write_result(out_dir: Path, spec: dict[str, Any], result: dict[str, Any], seconds: float,
+                 task_files: Path | None = None) -> None:
     with atomic_dir(out_dir) as tmp:
         tmp = Path(tmp)
+        if task_files is not None and any(task_files.iterdir()):
+            shutil.copytree(task_files, tmp / TASK_FILES)
         samples = result.pop("samples")
         (tmp / "samples.jsonl").write_text("".join(json.dumps(_jsonable(s), sort_keys=True) + "\n"
                                                   for s in samples))
-        (tmp / "result.json").write_text(json.dumps(_jsonable({**result, "spec": spec, "seconds": seconds}),
+        # "mirror": the task ran on `vilex eval mirror` data (synthetic): the numbers are not benchmark scores
+        (tmp / "result.json").write_text(json.dumps(_jsonable({**result, "spec": spec, "seconds": seconds,
+                                                               "mirror": bool(spec.get("mirror"))}),
                                                     indent=1, sort_keys=True))
 
 
@@ -93,16 +108,24 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(one["out"])
         print(f"worker: task {n}/{len(pairs)} {one['task']}", flush=True)
         start, started_at = time.perf_counter(), time.time()
+        work = out_dir.parent / f".work-{out_dir.name}"  # the task's working directory (its side files)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        home = os.getcwd()
+        os.chdir(work)
+        result = None
         try:
             result = evaluate_one(one, managers)
         except Exception as e:  # any failure of this one task is recorded, the sweep goes on
-            out_dir.parent.mkdir(parents=True, exist_ok=True)
             err = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(), "spec": one}
             (out_dir.parent / f"{out_dir.name}.error.json").write_text(json.dumps(err, indent=1))
             print(f"error: {one['task']}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             failed += 1
-            continue
-        write_result(out_dir, one, {**result, "started_at": started_at}, time.perf_counter() - start)
+        finally:
+            os.chdir(home)
+        if result is not None:
+            write_result(out_dir, one, {**result, "started_at": started_at}, time.perf_counter() - start, work)
+        shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0
 
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from test_bench_parallel import FAKE_WORKER, records
 
 import benchmarks.sweep as sweep
@@ -45,6 +46,12 @@ EXERCISED = {
     "vilex eval --config configs/benchmarks/paper15.yaml --cache /data/bench-cache": "test_offline_commands_for_real",
     "vilex eval --config configs/benchmarks/paper15.yaml --cache /data/bench-cache --set 'models={mine: CKPT}' "
     "--set 'tasks=[gqa]' --set baseline=null --set output_dir=OUT": "test_offline_commands_for_real",
+    "vilex eval mirror --suite configs/benchmarks/paper15.yaml --out runs/bench/mirror15":
+        "test_mirror_and_check_commands_for_real",
+    "vilex eval --config configs/benchmarks/paper15.yaml --cache runs/bench/mirror15":
+        "test_mirror_and_check_commands_for_real",
+    "vilex eval report runs/bench/paper15-mirror": "test_mirror_and_check_commands_for_real",
+    "vilex eval prepare --check /data/bench-cache": "test_mirror_and_check_commands_for_real",
 }
 
 
@@ -213,3 +220,33 @@ def test_offline_commands_for_real(stand_in, tmp_path):
     assert rc == 0 and json.loads(out.strip().splitlines()[-1]) == {"done": 1, "skipped": 0, "failed": 0,
                                                                     "elsewhere": 0}
     assert _samples(_pair_dir(tmp_path / "by_hand_prepared", "mine", "vilex_toy_colour"), "vilex_toy_colour") == ours
+
+
+@pytest.mark.slow
+def test_mirror_and_check_commands_for_real(tmp_path, monkeypatch):
+    """The mirror of paper15.yaml (its real settings, two of its tasks, the shipped toy VLMs on CPU), the sweep on it,
+    its MIRROR-labelled report, and `prepare --check` on the mirror (a prepared cache like any other)."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
+    real = yaml.safe_load((ROOT / "configs" / "benchmarks" / "paper15.yaml").read_text())
+    tasks = ["vqav2_val", "scienceqa_img"]
+    cfg = tmp_path / "paper15.yaml"
+    cfg.write_text(json.dumps({**real, "tasks": tasks, "output_dir": str(tmp_path / "paper15"), "devices": ["cpu"],
+                               "models": {m: str(ROOT / "assets" / "toy" / "vlm" / m) for m in ("siglip", "vilex")}}))
+    subs = {"configs/benchmarks/paper15.yaml": str(cfg), "runs/bench/mirror15": str(tmp_path / "mirror15"),
+            "runs/bench/paper15-mirror": str(tmp_path / "paper15-mirror"),
+            "/data/bench-cache": str(tmp_path / "mirror15")}
+    mirror, sweep_cmd, report, check = _commands("test_mirror_and_check_commands_for_real")
+    rc, out = _run(mirror, subs)
+    assert rc == 0 and {t: v["status"] for t, v in json.loads(out.strip().splitlines()[-1]).items()} == \
+        {t: "saved" for t in tasks}
+    rc, out = _run(sweep_cmd, subs)
+    assert rc == 0 and json.loads(out.strip().splitlines()[-1]) == {"done": 4, "skipped": 0, "failed": 0,
+                                                                    "elsewhere": 0}
+    assert not (tmp_path / "paper15").exists()  # the mirror's results went to paper15-mirror
+    rc, _ = _run(report, subs)
+    table = (tmp_path / "paper15-mirror" / "results.md").read_text().splitlines()
+    assert rc == 0 and table[0].startswith("**MIRROR**")
+    assert [line.split(" | ")[0][2:] for line in table if "[MIRROR]" in line] == [f"{t} [MIRROR]" for t in tasks]
+    rc, out = _run(check, subs)
+    assert rc == 0 and json.loads(out.strip().splitlines()[-1]) == {t: "ok" for t in tasks}
