@@ -265,3 +265,19 @@ def test_dry_run_names_what_is_missing_and_still_plans():
     assert r.returncode == 2, r.stderr
     assert "  steps " in r.stdout and "7 (28 images)" in r.stdout
     assert "decoder text encoder: folder not found: runs/tiny/decoder" in r.stdout
+
+
+def test_math_attention_with_activation_checkpointing_trains(sd_world, tmp_path):
+    """Checkpointed blocks recompute during backward: under the SDPA kernel their forward used (a different kernel
+    on recomputation is a CheckpointError), the same losses as without checkpointing."""
+    from vilex.train.loop import pretrain
+
+    losses = {}
+    for checkpointing in ("false", "true"):
+        out = tmp_path / checkpointing
+        pretrain(load_config(PretrainConfig, TINY_CONFIG, overrides(
+            sd_world, out, "train.max_steps=2", "val.every=1000", "train.attention_backend=math",
+            f"model.vit.gradient_checkpointing={checkpointing}",
+            f"model.decoder.gradient_checkpointing={checkpointing}")))
+        losses[checkpointing] = json.loads((out / "summary.json").read_text())["losses"]
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)

@@ -151,6 +151,9 @@ class Pretrainer(TrainTask):
             out = self.model.loss_from_tokens(tokens.float(), x0, generator=self.generator)
         return out["loss"]
 
+    def backward_context(self):
+        return attention_kernels(self.cfg.train.attention_backend)  # checkpointed blocks recompute under it
+
     def on_micro_batch(self, batch: Any, finite: bool) -> None:
         if finite:
             self.state.images_seen += self.batch.micro_batch_size * self.world

@@ -107,6 +107,11 @@ class TrainTask:
         """The loss of one micro-batch (forward only; the loop does backward and step)."""
         raise NotImplementedError
 
+    def backward_context(self) -> ContextManager:
+        """Entered around the backward pass: what ``micro_step`` chose for its forward that recomputation must see
+        too (activation checkpointing re-runs forward pieces during backward, e.g. under the same SDPA kernel)."""
+        return contextlib.nullcontext()
+
     def on_micro_batch(self, batch: Any, finite: bool) -> None:
         """Count what the micro-batch held (samples, tokens, skips)."""
 
@@ -331,7 +336,8 @@ class RunLoop:
                 finite_here = float(torch.isfinite(loss.detach()).all())
                 finite = sum_over_ranks([finite_here], self.strategy.device)[0] == self.world
                 if finite:
-                    self.strategy.backward(loss)
+                    with self.task.backward_context():
+                        self.strategy.backward(loss)
                 st.micro_steps += 1
                 self.task.on_micro_batch(batch, finite)
                 if not finite:
