@@ -121,7 +121,10 @@ ALLOWED: dict[str, str] = {
     # docs/PERFORMANCE.md: benchmarks
     "python scripts/bench/stage1_step.py --threads 1 --ours-fp32 --ours-cpu":
         "a benchmark (minutes of timed steps)",
-    "bash scripts/bench/gpu_stage1.sh": "needs a GPU (bf16 peak, real SD2.1-base shapes)",
+    "python scripts/bench/decoder_costs.py": "meta-device builds of the four real-scale configs (a minute); "
+                                             "tests/test_dry_run.py and the decoder tests build them the same way",
+    "bash scripts/bench/gpu_all.sh": "needs a GPU (bf16 peak, real shapes); its --cpu mode runs in "
+                                     "tests/test_gpu_bench_scripts.py",
     "python scripts/bench/sweep_overhead.py": "a benchmark (lmms-eval workers over rounds: minutes)",
     "python scripts/bench/vlm_packing.py --threads 1": "a benchmark (minutes of timed forward/backward passes)",
 }
