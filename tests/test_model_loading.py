@@ -68,7 +68,7 @@ def test_decoder_loads_from_a_local_folder(tmp_path):
 
 def test_registries_name_their_entries():
     assert VISION_TOWERS.names() == ["siglip", "timm"]
-    assert FROZEN_DECODERS.names() == ["pixel_unet", "stable_diffusion"]
+    assert FROZEN_DECODERS.names() == ["pixel_unet", "stable_diffusion", "stable_diffusion_3", "stable_diffusion_xl"]
     with pytest.raises(UserError, match=r"^unknown frozen decoder 'stable_difusion'. Did you mean 'stable_diffusion'"):
         build_frozen_decoder(DecoderConfig(type="stable_difusion", name_or_path="x"))
 

@@ -98,6 +98,19 @@ class DecoderConfig:
     clip_skip: int = cfg_field(0, ge=0, help="0 = last text-encoder layer (the pipelines' default); k = k-th from last")
     channels_last: bool = cfg_field(False, help="hold the UNet in channels-last memory format (faster convolutions "
                                                 "with oneDNN on CPU and tensor cores on GPU; same numbers)")
+    sd3_token_encoders: list[str] = cfg_field(
+        default_factory=lambda: ["clip_l", "clip_g"],
+        help="stable_diffusion_3 only: the text encoders the ViLex tokens enter, of 'clip_l', 'clip_g', 't5' (one "
+             "pooler head each); the others read the prompt alone (vilex/models/sd3.py says why CLIP's two)")
+    t5_max_length: int = cfg_field(256, ge=2, help="stable_diffusion_3 only: T5's text positions (diffusers' default "
+                                                   "256; SD3 was trained with 77)")
+    flow_weighting: Literal["logit_normal", "mode", "cosmap", "sigma_sqrt", "none"] = cfg_field(
+        "logit_normal", help="flow-matching decoders (stable_diffusion_3): the noise-level density and loss weighting, "
+                             "diffusers' SD3 weighting_scheme: 'logit_normal' (SD3's), 'mode', or uniform levels "
+                             "weighted by 'cosmap' / 'sigma_sqrt' / 'none'")
+    flow_logit_mean: float = cfg_field(0.0, help="'logit_normal': mean of the normal squashed into u in (0, 1)")
+    flow_logit_std: float = cfg_field(1.0, gt=0, help="'logit_normal': its std")
+    flow_mode_scale: float = cfg_field(1.29, help="'mode': the density's scale (SD3 paper's s)")
 
 
 @dataclass

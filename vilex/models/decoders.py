@@ -401,3 +401,4 @@ def build_frozen_decoder(config: DecoderConfig) -> FrozenDecoder:
 
 # decoders defined in their own files register themselves on import (they subclass the ones above)
 from vilex.models import sdxl as _sdxl  # noqa: E402,F401  (registers "stable_diffusion_xl")
+from vilex.models import sd3 as _sd3  # noqa: E402,F401  (registers "stable_diffusion_3")

@@ -65,6 +65,29 @@ SDXL_BASE = {
     "image_size": 1024,
 }
 
+# stabilityai/stable-diffusion-3.5-medium (MMDiT-X): transformer/, vae/, text_encoder_3/ (T5 v1.1 XXL, encoder only)
+# config.json; text_encoder/ is CLIP-L (with projection) as in SD 1.5, text_encoder_2/ OpenCLIP bigG (with projection)
+# as in SDXL; the VAE is SD's architecture with 16 latent channels, no quant convs and SD3's shift and scale; the
+# scheduler is FlowMatchEulerDiscreteScheduler(shift=3.0). Public parameter counts of the parts: transformer
+# 2,243,171,520, vae 83,819,683, text_encoder 123,650,304, text_encoder_2 694,659,840, text_encoder_3 4,762,310,656.
+SD35_MEDIUM = {
+    "transformer": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                        caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                        dual_attention_layers=list(range(13)), qk_norm="rms_norm"),
+    "vae": dict(_SD_VAE, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, sample_size=1024,
+                use_quant_conv=False, use_post_quant_conv=False),
+    "text_encoder": SD15["text_encoder"],
+    "text_encoder_2": SDXL_BASE["text_encoder_2"],
+    "text_encoder_3": dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                           relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                           feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True,
+                           layer_norm_epsilon=1e-6, dropout_rate=0.1, tie_word_embeddings=False, pad_token_id=0,
+                           eos_token_id=1, decoder_start_token_id=0),
+    "scheduler": dict(num_train_timesteps=1000, shift=3.0),
+    "image_size": 1024,
+}
+
 SIGLIP_SO400M_224 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                          image_size=224, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
 SIGLIP_SO400M_384 = dict(SIGLIP_SO400M_224, image_size=384)
@@ -75,6 +98,7 @@ REFERENCE_ARCHS: dict[str, dict[str, Any]] = {
     "stabilityai/stable-diffusion-2-1-base": SD21_BASE,
     "stable-diffusion-v1-5/stable-diffusion-v1-5": SD15,
     "stabilityai/stable-diffusion-xl-base-1.0": SDXL_BASE,
+    "stabilityai/stable-diffusion-3.5-medium": SD35_MEDIUM,
     "google/siglip-so400m-patch14-224": {"vision": SIGLIP_SO400M_224},
     "google/siglip-so400m-patch14-384": {"vision": SIGLIP_SO400M_384},
     "google/siglip-base-patch16-224": {"vision": SIGLIP_BASE_224},
@@ -101,6 +125,14 @@ def build_reference(hub_id: str, part: str, device: str | torch.device = "meta")
             from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
             return CLIPTextModelWithProjection(CLIPTextConfig(**arch["text_encoder_2"]))
+        if part == "transformer" and "transformer" in arch:
+            from diffusers import SD3Transformer2DModel
+
+            return SD3Transformer2DModel(**arch["transformer"])
+        if part == "text_encoder_3" and "text_encoder_3" in arch:
+            from transformers import T5Config, T5EncoderModel
+
+            return T5EncoderModel(T5Config(**arch["text_encoder_3"]))
         if part == "vision":
             from transformers import SiglipVisionConfig, SiglipVisionModel
 
@@ -116,12 +148,17 @@ def save_config_only(hub_id: str, folder: str | Path, vocab_size: int | None = N
 
     folder = Path(folder)
     arch = REFERENCE_ARCHS[hub_id]
-    for part in ("unet", "vae"):
-        build_reference(hub_id, part).save_config(folder / part)
+    for part in ("unet", "transformer", "vae"):
+        if part in arch:
+            build_reference(hub_id, part).save_config(folder / part)
     for part in ("text_encoder", "text_encoder_2"):
         if part in arch:
             # a stand-in vocabulary: the real special-token ids would lie outside it
             resized = {"vocab_size": vocab_size, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
             values = dict(arch[part], **(resized if vocab_size else {}))
             CLIPTextConfig(**values).save_pretrained(folder / part)
+    if "text_encoder_3" in arch:  # T5 keeps its vocabulary: a stand-in tokenizer only needs to fit inside it
+        from transformers import T5Config
+
+        T5Config(**arch["text_encoder_3"]).save_pretrained(folder / "text_encoder_3")
     return folder

@@ -261,3 +261,69 @@ def _remove_tree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")
+
+
+def write_tiny_t5_tokenizer(folder: str | Path, words: Iterable[str] = DEFAULT_WORDS, model_max_length: int = 256):
+    """Write and return a T5 (SentencePiece-Unigram) tokenizer built offline: T5's specials (<pad> 0, </s> 1,
+    <unk> 2), one '▁word' piece per word, and single characters so any other text still spells out."""
+    from transformers import T5Tokenizer
+
+    pieces = [(token, 0.0) for token in T5_SPECIALS] + [("▁", -2.0)]
+    pieces += [("▁" + word, -1.0) for word in dict.fromkeys(words)]
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()"
+    pieces += [(c, -4.0) for c in chars]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+    tokenizer.save_pretrained(str(folder))
+    return T5Tokenizer.from_pretrained(str(folder))
+
+
+def build_tiny_sd3(folder: str | Path, width: int = 16, width_2: int = 32, t5_width: int = 64, text_layers: int = 2,
+                   image_size: int = 16, seed: int = 0) -> Path:
+    """A tiny SD3.5-like pipeline folder (StableDiffusion3Pipeline layout): CLIP-L-like and CLIP-G-like text encoders
+    with projections (tokenizers padding with EOS and "!" as SD3's do), a T5 encoder (relative position bias, no
+    causal mask) with a Unigram tokenizer, an MMDiT-X transformer (QK RMS-norm, a dual-attention first block) whose
+    joint attention width is T5's and whose pooled input is both CLIP projections, a 2x VAE with SD3's shift and
+    scale, and SD3's flow-matching scheduler (shift 3)."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    folder = Path(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = write_tiny_clip_tokenizer(folder / "_tok1", pad="eos")
+        tokenizer_2 = write_tiny_clip_tokenizer(folder / "_tok2", pad="!")
+        tokenizer_3 = write_tiny_t5_tokenizer(folder / "_tok3")
+
+        def clip(tok, hidden: int, layers: int):
+            return CLIPTextModelWithProjection(CLIPTextConfig(
+                vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=max(1, hidden // 16), max_position_embeddings=77, projection_dim=hidden,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+
+        text_encoder_3 = T5EncoderModel(T5Config(
+            vocab_size=len(tokenizer_3), d_model=t5_width, d_kv=16, d_ff=2 * t5_width, num_layers=text_layers,
+            num_heads=max(1, t5_width // 16), relative_attention_num_buckets=8, relative_attention_max_distance=32,
+            feed_forward_proj="gated-gelu", pad_token_id=tokenizer_3.pad_token_id,
+            eos_token_id=tokenizer_3.eos_token_id, decoder_start_token_id=tokenizer_3.pad_token_id))
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            layers_per_block=1, norm_num_groups=8, sample_size=image_size, scaling_factor=1.5305,
+                            shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+        transformer = SD3Transformer2DModel(
+            sample_size=image_size // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=t5_width, caption_projection_dim=32,
+            pooled_projection_dim=width + width_2, pos_embed_max_size=16, dual_attention_layers=(0,),
+            qk_norm="rms_norm")
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+            vae=vae, text_encoder=clip(tokenizer, width, text_layers), tokenizer=tokenizer,
+            text_encoder_2=clip(tokenizer_2, width_2, text_layers + 1), tokenizer_2=tokenizer_2,
+            text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+        pipe.save_pretrained(str(folder), safe_serialization=True)
+    for scratch in ("_tok1", "_tok2", "_tok3"):
+        _remove_tree(folder / scratch)
+    return folder
