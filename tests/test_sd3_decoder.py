@@ -120,11 +120,14 @@ def test_training_and_inference_lay_tokens_out_alike_for_every_m(world, layout):
 
 
 def test_token_budget_and_prompts_are_checked(world, decoder):
-    assert decoder.context_length == 77  # 75 ViLex tokens beside no prompt
-    assert _decoder(world, sd3_token_encoders=["t5"]).context_length == 33  # 31: T5 takes no BOS
+    clip = _decoder(world, sd3_token_encoders=["clip_l", "clip_g"])
+    assert clip.context_length == 77 and _decoder(world, t5_max_length=256).context_length == 77  # 75 tokens
+    assert decoder.context_length == 33  # T5's 32 positions less </s> (it has no BOS) bind first: 31 tokens
     prompt = decoder.tokenize(["two blue circles and a green triangle"])
     with pytest.raises(UserError, match=f"at most {75 - len(prompt[0])} ViLex tokens with this prompt"):
-        decoder.encode_text(torch.zeros(1, 75, 48), 75, prompt)
+        clip.encode_text(torch.zeros(1, 75, 48), 75, prompt)
+    with pytest.raises(UserError, match=f"at most {31 - len(prompt[0].t5)} ViLex tokens with this prompt"):
+        decoder.encode_text(torch.zeros(1, 31, 112), 31, prompt)
     with pytest.raises(ValueError, match="decoder.tokenize"):
         decoder.encode_text(None, None, [[5, 6]])  # CLIP ids alone: T5 would not see the prompt
     with pytest.raises(ConfigError, match="sd3_token_encoders"):
@@ -319,6 +322,9 @@ def test_real_scale_config_at_sd35_medium_public_parameter_counts(world, tmp_pat
     assert count(decoder.text_encoder) + missing * 768 == 123_650_304
     assert count(decoder.text_encoder_2) + missing * 1280 == 694_659_840
     assert count(decoder.text_encoder_3) == 4_762_310_656
-    assert decoder.token_heads == [768, 1280] and model.encoder.token_width == 2048
+    assert decoder.token_heads == [768, 1280, 4096] and model.encoder.token_width == 6144
+    # the pooler matches each head to its own encoder's embedding statistics (T5's vocabulary differs from CLIP's)
+    t5_table = decoder.text_encoder_3.get_input_embeddings().weight
+    assert decoder.embedding_table.shape == (2, 6144) and t5_table.shape == (32128, 4096)
     assert (decoder.image_size, decoder.resolution_multiple, decoder.model_space_shape) == (1024, 16, (16, 128, 128))
     assert model.encoder.num_tokens == 75 and decoder.context_length - 2 == 75  # the token budget beside no prompt

@@ -106,10 +106,12 @@ def main() -> None:
             decoder = model.decoder
             from vilex.models.reference_archs import REFERENCE_ARCHS
 
-            # the stand-in tokenizer's vocabulary is smaller than the real 49,408: add the missing embedding rows
-            real_vocab = REFERENCE_ARCHS[yaml.safe_load(path.read_text())["model"]["decoder"]["name_or_path"]][
-                "text_encoder"]["vocab_size"]
-            frozen = count(decoder) + (real_vocab - decoder.embedding_table.shape[0]) * decoder.embed_width
+            # the stand-in tokenizers' vocabularies are smaller than the real ones: add the missing embedding rows
+            arch = REFERENCE_ARCHS[yaml.safe_load(path.read_text())["model"]["decoder"]["name_or_path"]]
+            parts = ("text_encoder", "text_encoder_2", "text_encoder_3")
+            frozen = count(decoder) + sum(
+                (arch[part]["vocab_size"] - enc.get_input_embeddings().weight.shape[0])
+                * enc.get_input_embeddings().weight.shape[1] for part, enc in zip(parts, decoder.text_encoders))
             trainable = count(model.encoder)
             f_enc, f_dec = training_flops(model)
             n = args.gpus

@@ -10,15 +10,18 @@ SD3 conditions its MMDiT transformer on three text encoders (diffusers' ``Stable
 * ``pooled_projections`` (B, P1 + P2): both CLIP encoders' pooled outputs (the text projection of the normed last
   state at EOS), side by side; the transformer adds it to the timestep embedding that modulates every block.
 
-Where the ViLex tokens go (``decoder.sd3_token_encoders``): by default into CLIP-L and CLIP-G, at positions 1..m of
-``[BOS, v_1..v_m, prompt, EOS, pad...]``, one pooler head per encoder as for SDXL (sdxl.py); T5 then reads the prompt
-alone (the empty one while training). Measured on tiny configs (docs/EXPERIMENTS.md, "SD3: where the ViLex tokens
-go"): the CLIP layout learns and reconstructs as well as putting them into all three encoders, and better than T5
-alone, whose layout leaves the pooled vector, and with it the modulation of every block, fixed to the empty
-prompt's; and it costs no T5 pass: T5's states for the empty prompt are computed once and reused (T5-XXL is
-4.8 B parameters, over twice the transformer). ``["t5"]`` or all three stay available: T5 has no BOS, so there the
-tokens take positions 0..m-1 of ``[v_1..v_m, prompt, </s>, <pad>...]``; it has no causal mask and relative position
-bias, so the layout is the same for any m.
+Where the ViLex tokens go (``decoder.sd3_token_encoders``): by default into all three encoders, one pooler head per
+encoder as for SDXL (sdxl.py), so a token is 768 + 1280 + 4096 wide for SD3.5 and TailDrop cuts every head alike.
+In CLIP-L and CLIP-G they take positions 1..m of ``[BOS, v_1..v_m, prompt, EOS, pad...]`` and so also reach the pooled
+vector; T5 has no BOS, so there they take positions 0..m-1 of ``[v_1..v_m, prompt, </s>, <pad>...]`` (no causal mask
+and relative position bias: the layout is the same for any m, and every state sees every token). Measured on tiny
+configs (docs/EXPERIMENTS.md, "SD3: which text encoders the ViLex tokens enter"), against a frozen decoder trained
+text-to-image with SD3's per-encoder dropout: all three trained to the lowest held-out loss and reconstructed best,
+both CLIPs alone came second, T5 alone last (its layout leaves the pooled vector, which modulates every block, at the
+empty prompt's); the ranking held over three seeds and against a random decoder. ``[clip_l, clip_g]`` is the cheaper
+choice: T5 (4.8 B parameters for SD3.5, twice the transformer) then reads only the empty prompt, whose states are
+computed once and reused, saving its forward and backward pass for every image. An encoder without tokens reads the
+prompt alone.
 
 A prompt is tokenized twice, by CLIP's BPE (both CLIP tokenizers share one vocabulary, checked at load; they differ
 in the pad: EOS for CLIP-L, "!" for CLIP-G) and by T5's SentencePiece; ``tokenize`` returns ``SD3PromptIds``, the
