@@ -80,3 +80,25 @@ def run_and_kill(args: list[str], out: Path, after_checkpoint: int, nproc: int =
 
 def summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
+
+
+def held_out_loss(cfg, encoder_state=None):
+    """The diffusion (or flow-matching) loss on the first 8 training images x 8 fixed (noise level, noise) draws each,
+    with the run's initial encoder or ``encoder_state``: the per-step training loss is too noisy (one random level
+    per image) to show learning in a few steps."""
+    import torch
+
+    from vilex.data import first_images
+    from vilex.models import ViLexModel
+
+    torch.manual_seed(cfg.train.seed)  # the training run's initialisation
+    model = ViLexModel.from_config(cfg.model)
+    if encoder_state is not None:
+        model.encoder.load_state_dict(encoder_state)
+    pixels = first_images(cfg.data.train, model.decoder.image_size, 8).images["image"].repeat(8, 1, 1, 1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (model.encoder.vit.image_mean, model.encoder.vit.image_std))
+    gen = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        x0 = model.decoder.to_model_space(pixels * 2 - 1, gen)
+        tokens = model.encoder((pixels - mean) / std)
+        return float(model.loss_from_tokens(tokens, x0, generator=gen)["loss"])

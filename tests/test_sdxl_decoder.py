@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pretrain_helpers import env, overrides, summary
+from pretrain_helpers import env, held_out_loss, overrides, summary
 
 from vilex.config import load_config
 from vilex.models.configs import DecoderConfig
@@ -109,25 +109,6 @@ def _config(world, out, *extra):
         "train.optim.lr_pooler=3e-3", *extra))
 
 
-def _held_loss(cfg, encoder_state=None) -> float:
-    """The diffusion loss on the first 8 training images x 8 fixed (timestep, noise) draws each: the per-step
-    training loss is too noisy (one random timestep per image) to show learning in a few steps."""
-    from vilex.data import first_images
-    from vilex.models import ViLexModel
-
-    torch.manual_seed(cfg.train.seed)  # the training run's initialisation
-    model = ViLexModel.from_config(cfg.model)
-    if encoder_state is not None:
-        model.encoder.load_state_dict(encoder_state)
-    pixels = first_images(cfg.data.train, model.decoder.image_size, 8).images["image"].repeat(8, 1, 1, 1)
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (model.encoder.vit.image_mean, model.encoder.vit.image_std))
-    gen = torch.Generator().manual_seed(123)
-    with torch.no_grad():
-        x0 = model.decoder.to_model_space(pixels * 2 - 1, gen)
-        tokens = model.encoder((pixels - mean) / std)
-        return float(model.loss_from_tokens(tokens, x0, generator=gen)["loss"])
-
-
 def test_tiny_pretraining_learns_and_resumes_bit_identically(world, tmp_path):
     from vilex.train.loop import pretrain
 
@@ -136,7 +117,7 @@ def test_tiny_pretraining_learns_and_resumes_bit_identically(world, tmp_path):
     pretrain(cfg)
     losses = summary(full)["losses"]
     trained = torch.load(full / "checkpoints" / "checkpoint-8" / "encoder.pt", weights_only=True)
-    assert len(losses) == 8 and _held_loss(cfg, trained) < _held_loss(cfg)
+    assert len(losses) == 8 and held_out_loss(cfg, trained) < held_out_loss(cfg)
 
     resumed = tmp_path / "resumed"  # the same run, stopped after its step-4 checkpoint and resumed from it
     shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("checkpoint-8", "summary.json", "*.lock"))
