@@ -37,18 +37,23 @@ class DecoderGateSpec:
     guidance_scale: float = cfg_field(3.0, ge=0)
     batch_size: int = cfg_field(64, ge=1)
     grid_images: int = cfg_field(16, ge=1, help="samples shown in samples.png")
+    thresholds: dict[str, float] = cfg_field(
+        default_factory=lambda: {"background_accuracy": 0.95, "colour_accuracy": 0.85, "shape_accuracy": 0.70,
+                                 "cell_accuracy": 0.70, "count_accuracy": 0.70},
+        help="the gate: the probe's accuracy on samples of held-out captions must reach each of these (all captions)")
 
 
 @torch.no_grad()
 def sample_images(unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, noise_scheduler: Any,
                   prompts: Sequence[str], steps: int = 25, guidance_scale: float = 3.0, seed: int = 0,
-                  batch_size: int = 64) -> torch.Tensor:
-    """DDIM samples (B, 3, H, W) in [-1, 1], on the CPU, for ``prompts`` with classifier-free guidance."""
+                  batch_size: int = 64, latents: Any = None) -> torch.Tensor:
+    """DDIM samples (B, 3, H, W) in [-1, 1], on the CPU, for ``prompts`` with classifier-free guidance; a latent
+    decoder's samples (``latents``: its ``LatentSpace``) are decoded by its VAE."""
     from diffusers import DDIMScheduler
 
     size = int(unet.config.sample_size)
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(prompts), 3, size, size, generator=generator)
+    noise = torch.randn(len(prompts), int(unet.config.out_channels), size, size, generator=generator)
     uncond_one = encode_prompts(tokenizer, text_encoder, [""])
     out = []
     for i in range(0, len(prompts), batch_size):
@@ -61,7 +66,7 @@ def sample_images(unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, nois
         for t in ddim.timesteps:
             pred_uncond, pred_cond = unet_forward(unet, torch.cat([x, x]), t, context).chunk(2)
             x = ddim.step(pred_uncond + guidance_scale * (pred_cond - pred_uncond), t, x).prev_sample
-        out.append(x.clamp(-1.0, 1.0).cpu())
+        out.append((latents.decode(x) if latents is not None else x.clamp(-1.0, 1.0)).cpu())
     return torch.cat(out)
 
 
@@ -86,8 +91,11 @@ def gate_scenes(seed: int, n: int) -> tuple[list[world.Scene], int]:
 
 
 def decoder_quality_gate(unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, noise_scheduler: Any,
-                         probe_dir: str | Path, spec: DecoderGateSpec, seed: int) -> tuple[dict[str, Any], Any]:
-    """Sample held-out captions (even index: coarse, odd: fine), judge them with the probe; (metrics, sheet)."""
+                         probe_dir: str | Path, spec: DecoderGateSpec, seed: int, latents: Any = None
+                         ) -> tuple[dict[str, Any], Any]:
+    """Sample held-out captions (even index: coarse, odd: fine), judge them with the probe; (metrics, sheet).
+    ``latents``: a latent decoder's ``LatentSpace`` (its samples are decoded; the pixel-space placement test, which
+    reads E[x0 | caption] as an image, is left out: the probe's cell accuracy measures placement)."""
     from toy.scenes.contact_sheet import make_contact_sheet
 
     probe = load_probe(probe_dir)
@@ -95,14 +103,18 @@ def decoder_quality_gate(unet: nn.Module, text_encoder: nn.Module, tokenizer: An
     captions = [world.caption_coarse(s) if i % 2 == 0 else world.caption_fine(s) for i, s in enumerate(scenes)]
     started = time.time()
     images = sample_images(unet, text_encoder, tokenizer, noise_scheduler, captions, spec.ddim_steps,
-                           spec.guidance_scale, seed=seed, batch_size=spec.batch_size)
+                           spec.guidance_scale, seed=seed, batch_size=spec.batch_size, latents=latents)
     sample_s = time.time() - started
     generated = judge(probe, images, scenes)
-    placement = placement_test(unet, text_encoder, tokenizer, noise_scheduler, seed=seed)
+    placement = (placement_test(unet, text_encoder, tokenizer, noise_scheduler, seed=seed) if latents is None
+                 else "not run: latent decoder (cell_accuracy measures placement)")
     real = judge(probe, images_to_unit_range(render_batch(scenes, images.shape[-1])), scenes)
     coarse = np.arange(len(scenes)) % 2 == 0
+    overall = summarize(generated)
+    failed = {k: {"got": overall[k], "needed": v} for k, v in spec.thresholds.items() if overall[k] < v}
     metrics = {
-        "generated": {"all": summarize(generated), "coarse_captions": summarize(generated, coarse),
+        "passed": not failed, "thresholds": dict(spec.thresholds), "below_threshold": failed,
+        "generated": {"all": overall, "coarse_captions": summarize(generated, coarse),
                       "fine_captions": summarize(generated, ~coarse)},
         "probe_on_real_renders": summarize(real),
         "placement": placement,  # does E[x0 | caption] put the object where its position words say? (placement.py)
@@ -131,11 +143,14 @@ def gate_decoder_folder(decoder_dir: str | Path, spec: DecoderGateSpec, seed: in
         raise UserError(f"not a toy decoder folder (no unet/): {folder}")
     if not (Path(spec.probe) / "config.json").is_file():
         raise UserError(f"gate.probe: attribute probe not found: {spec.probe}")
+    from toy.decoder_model import LatentSpace
+
     unet = UNet2DConditionModel.from_pretrained(str(folder / "unet")).eval()
+    latents = LatentSpace(folder / "vae") if (folder / "vae").is_dir() else None
     text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder")).eval()
     tokenizer = load_toy_tokenizer(folder / "tokenizer")
     scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"))
-    metrics, sheet = decoder_quality_gate(unet, text_encoder, tokenizer, scheduler, spec.probe, spec, seed)
+    metrics, sheet = decoder_quality_gate(unet, text_encoder, tokenizer, scheduler, spec.probe, spec, seed, latents)
     sheet.save(folder / ".samples.png.tmp", format="PNG", optimize=True)
     os.replace(folder / ".samples.png.tmp", folder / "samples.png")
     if (folder / RECIPE_NAME).is_file():

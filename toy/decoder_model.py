@@ -149,12 +149,13 @@ def load_init_unet(unet: nn.Module, decoder_dir: str | Path) -> dict[str, Any]:
     return {"from": str(decoder_dir), "zero_initialised_coordinate_channels": added}
 
 
-def build_unet(spec: UNetSpec, image_size: int, cross_attention_dim: int) -> nn.Module:
-    """A randomly initialised pixel-space ``UNet2DConditionModel``: 3 channels out, 3 (+ coordinates) in."""
+def build_unet(spec: UNetSpec, sample_size: int, cross_attention_dim: int, channels: int = 3) -> nn.Module:
+    """A randomly initialised ``UNet2DConditionModel`` on ``channels``-channel inputs of ``sample_size``² (pixels:
+    3; a VAE's latents: its latent channels), plus the coordinate channels in."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=image_size, in_channels=3 + spec.coordinate_channels, out_channels=3,
+        sample_size=sample_size, in_channels=channels + spec.coordinate_channels, out_channels=channels,
         layers_per_block=spec.layers_per_block,
         block_out_channels=tuple(spec.block_out_channels), down_block_types=tuple(spec.down_block_types),
         up_block_types=tuple(spec.up_block_types), cross_attention_dim=cross_attention_dim,
@@ -168,7 +169,7 @@ def build_noise_scheduler(spec: NoiseSpec) -> Any:
 
     return DDPMScheduler(num_train_timesteps=spec.num_train_timesteps, beta_schedule=spec.beta_schedule,
                          prediction_type=spec.prediction_type, timestep_spacing=spec.timestep_spacing,
-                         clip_sample=spec.clip_sample)
+                         clip_sample=spec.clip_sample, steps_offset=1)  # SD's; "trailing" spacing ignores it
 
 
 def encode_prompts(tokenizer: Any, text_encoder: nn.Module, prompts: Sequence[str]) -> torch.Tensor:
@@ -186,9 +187,27 @@ def prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
     return ids
 
 
-def write_model_index(folder: Path) -> None:
+def write_model_index(folder: Path, latent: bool = False) -> None:
+    """``model_index.json``: a pixel decoder's parts, or (``latent``: a ``vae/`` is saved too) the layout of
+    diffusers' ``StableDiffusionPipeline``, which then loads the folder as it is, as SD 1.5's own."""
     import diffusers
 
+    if latent:
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", "DDPMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return
     index = {
         "_class_name": "ToyPixelText2ImagePipeline",  # no diffusers pipeline matches; load the parts one by one
         "_diffusers_version": diffusers.__version__,
@@ -198,3 +217,32 @@ def write_model_index(folder: Path) -> None:
         "unet": ["diffusers", "UNet2DConditionModel"],
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+class LatentSpace:
+    """A frozen ``AutoencoderKL`` as the decoder's model space: images in [-1, 1] <-> latents × ``scaling_factor``
+    (SD 1.x conventions: a posterior sample, scaled; no shift)."""
+
+    def __init__(self, vae_dir: str | Path) -> None:
+        from diffusers import AutoencoderKL
+
+        if not (Path(vae_dir) / "config.json").is_file():
+            raise UserError(f"vae: no AutoencoderKL folder at {vae_dir} (train one with `vilex toy pretrain-vae`)")
+        self.vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval().requires_grad_(False)
+        self.scaling = float(self.vae.config.scaling_factor)
+        self.channels = int(self.vae.config.latent_channels)
+        self.factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device: Any) -> "LatentSpace":
+        self.vae.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        dist = self.vae.encode(images.to(self.vae.device)).latent_dist
+        eps = torch.randn(dist.mean.shape, generator=generator).to(dist.mean.device)
+        return (dist.mean + dist.std * eps) * self.scaling
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.to(self.vae.device) / self.scaling).sample.clamp(-1.0, 1.0)

@@ -37,6 +37,7 @@ from toy.decoder_gate import DecoderGateSpec, decoder_quality_gate
 from toy.decoder_model import (
     NoiseSpec,
     TextEncoderSpec,
+    LatentSpace,
     UNetSpec,
     build_noise_scheduler,
     build_unet,
@@ -94,6 +95,9 @@ class DecoderPretrainConfig:
     init_unet: str | None = cfg_field(None, help="a decoder folder whose unet/ starts this run (a warm start, e.g. "
                                                  "the next stage of the staged recipe in configs/toy/decoder.yaml); "
                                                  "None: random init")
+    vae: str | None = cfg_field(None, help="an AutoencoderKL folder (vilex toy pretrain-vae): the UNet then works on "
+                                           "its latents and the folder is written in StableDiffusionPipeline's "
+                                           "layout (decoder type stable_diffusion); None: pixel space (pixel_unet)")
     unet: UNetSpec = field(default_factory=UNetSpec)
     text_encoder: TextEncoderSpec = field(default_factory=TextEncoderSpec)
     noise: NoiseSpec = field(default_factory=NoiseSpec)
@@ -139,7 +143,18 @@ class DecoderTrainer(Stage0Trainer):
         self.tokenizer = load_toy_tokenizer(cfg.tokenizer)
         self.text_encoder = load_or_build_text_encoder(cfg.text_encoder, self.tokenizer)
         self.text_encoder.requires_grad_(cfg.text_encoder.trainable)
-        self.unet = build_unet(cfg.unet, cfg.image_size, cfg.text_encoder.width)
+        self.latents = LatentSpace(cfg.vae).to(self.device) if cfg.vae is not None else None
+        if self.latents is not None:
+            if cfg.unet.coordinate_channels:
+                raise ConfigError("unet.coordinate_channels must be 0 with a vae: the stable_diffusion decoder type "
+                                  "(and diffusers' StableDiffusionPipeline) feed the UNet the latents alone")
+            if cfg.image_size % self.latents.factor:
+                raise ConfigError(f"image_size {cfg.image_size} is not a multiple of the VAE's downsampling "
+                                  f"{self.latents.factor}")
+            self.unet = build_unet(cfg.unet, cfg.image_size // self.latents.factor, cfg.text_encoder.width,
+                                   channels=self.latents.channels)
+        else:
+            self.unet = build_unet(cfg.unet, cfg.image_size, cfg.text_encoder.width)
         self.warm_start = load_init_unet(self.unet, cfg.init_unet) if cfg.init_unet is not None else None
         self.parts = _Parts(self.unet, self.text_encoder)
         self.noise_scheduler = build_noise_scheduler(cfg.noise)
@@ -166,6 +181,8 @@ class DecoderTrainer(Stage0Trainer):
         x0 = images_to_unit_range(images_u8)
         prompts = choose_captions(scenes, self.seed, draw, spec)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + draw)
+        if self.latents is not None:
+            x0 = self.latents.encode(x0, gen).cpu()
         noise = torch.randn(x0.shape, generator=gen)
         t = sample_timesteps(x0.shape[0], self.cfg.noise.num_train_timesteps, spec, gen)
         x0, noise, t = x0.to(device), noise.to(device), t.to(device)
@@ -214,7 +231,7 @@ def pretrain_decoder(cfg: DecoderPretrainConfig, out: str | Path, resume: str | 
     sheet = None
     if cfg.gate.enabled:
         metrics["gate"], sheet = decoder_quality_gate(unet, text_encoder, tokenizer, trainer.noise_scheduler,
-                                                      cfg.gate.probe, cfg.gate, cfg.seed)
+                                                      cfg.gate.probe, cfg.gate, cfg.seed, trainer.latents)
     else:
         metrics["gate"] = "disabled (gate.enabled=false)"
     with atomic_dir(out) as tmp:
@@ -222,7 +239,10 @@ def pretrain_decoder(cfg: DecoderPretrainConfig, out: str | Path, resume: str | 
         text_encoder.save_pretrained(str(tmp / "text_encoder"))
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         trainer.noise_scheduler.save_pretrained(str(tmp / "scheduler"))
-        write_model_index(tmp)
+        if trainer.latents is not None:
+            trainer.latents.vae.save_pretrained(str(tmp / "vae"))
+            shutil.copyfile(Path(cfg.vae) / "recipe.json", tmp / "vae" / "recipe.json")
+        write_model_index(tmp, latent=trainer.latents is not None)
         shutil.copyfile(Path(cfg.work_dir) / "train_log.jsonl", tmp / "train_log.jsonl")
         if sheet is not None:
             sheet.save(tmp / "samples.png", format="PNG", optimize=True)

@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, Literal
 
 import numpy as np
 import torch
@@ -87,6 +87,10 @@ class SiglipTrainSpec(Stage0TrainSpec):
     weight_decay: float = cfg_field(1e-4, ge=0)
     global_batch_size: int = cfg_field(128, ge=2, help="scenes per optimizer step (all in one forward: the "
                                                         "sigmoid loss's negatives are the batch's other captions)")
+    captions: Literal["mixed", "web"] = cfg_field("mixed", help="mixed: each scene's coarse or fine caption "
+                                                                "(fine_caption_prob); web: alt-text-like captions "
+                                                                "(world.caption_web) that never state positions, "
+                                                                "sizes or counts, as web-scale SigLIP's data")
     fine_caption_prob: float = cfg_field(0.5, ge=0, le=1)
     bf16: bool = cfg_field(True)
     num_workers: int = cfg_field(1, ge=0)
@@ -103,6 +107,8 @@ class SiglipPretrainConfig:
     text: SiglipTextSpec = field(default_factory=SiglipTextSpec)
     train: SiglipTrainSpec = field(default_factory=SiglipTrainSpec)
     eval_scenes: int = cfg_field(256, ge=2, help="held-out scenes for image->caption retrieval")
+    feature_probe: bool = cfg_field(True, help="linear probes of the image tower's features in the recipe "
+                                               "(toy/feature_probe.py: what they carry and what they miss)")
 
 
 def build_siglip(cfg: SiglipPretrainConfig, tokenizer: Any) -> Any:
@@ -183,12 +189,32 @@ def evaluate_siglip(model: Any, tokenizer: Any, seed: int, n_scenes: int, image_
     return {"fine_captions": retrieval_accuracy(model, tokenizer, images, [world.caption_fine(s) for s in scenes],
                                                 max_length),
             "coarse_captions": retrieval_accuracy(model, tokenizer, images,
-                                                  [world.caption_coarse(s) for s in scenes], max_length)}
+                                                  [world.caption_coarse(s) for s in scenes], max_length),
+            "web_captions": retrieval_accuracy(model, tokenizer, images,
+                                               [world.caption_web(s, toy_rng(seed, Stream.CHOICES, i))
+                                                for i, s in enumerate(scenes)], max_length)}
+
+
+def training_captions(scenes: Sequence[world.Scene], rng: Any, spec: SiglipTrainSpec) -> list[str]:
+    """The caption each training scene is paired with (``spec.captions``)."""
+    if spec.captions == "web":
+        return [world.caption_web(s, rng) for s in scenes]
+    fine = rng.random(len(scenes)) < spec.fine_caption_prob
+    return [world.caption_fine(s) if f else world.caption_coarse(s) for s, f in zip(scenes, fine)]
+
+
+def vision_tower(model: Any) -> Any:
+    """The image tower of a ``SiglipModel`` as a ``SiglipVisionModel`` (what the ViLex ViT and the VLMs load)."""
+    from transformers import SiglipVisionModel
+
+    vision = SiglipVisionModel(model.config.vision_config)
+    vision.load_state_dict(model.vision_model.state_dict())  # transformers v5: SiglipVisionModel is flat
+    return vision
 
 
 def save_siglip(model: Any, tokenizer: Any, out: Path) -> None:
     """The full model + tokenizer + image processor in ``out``, and the vision tower alone in ``out/vision``."""
-    from transformers import SiglipImageProcessor, SiglipVisionModel
+    from transformers import SiglipImageProcessor
 
     size = int(model.config.vision_config.image_size)
     # Toy images are rendered at the tower's size; the processor only rescales to [-1, 1] (mean = std = 0.5).
@@ -196,9 +222,7 @@ def save_siglip(model: Any, tokenizer: Any, out: Path) -> None:
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     processor.save_pretrained(str(out))
-    vision = SiglipVisionModel(model.config.vision_config)
-    vision.load_state_dict(model.vision_model.state_dict())  # transformers v5: SiglipVisionModel is flat
-    vision.save_pretrained(str(out / "vision"))
+    vision_tower(model).save_pretrained(str(out / "vision"))
     processor.save_pretrained(str(out / "vision"))
 
 
@@ -220,9 +244,7 @@ class SiglipTrainer(Stage0Trainer):
 
     def micro_step(self, batch: Any) -> torch.Tensor:
         step_index, images_u8, scenes = batch
-        rng = toy_rng(self.seed, Stream.CHOICES, step_index)
-        fine = rng.random(len(scenes)) < self.cfg.train.fine_caption_prob
-        texts = [world.caption_fine(s) if f else world.caption_coarse(s) for s, f in zip(scenes, fine)]
+        texts = training_captions(scenes, toy_rng(self.seed, Stream.CHOICES, step_index), self.cfg.train)
         ids = tokenize_padded(self.tokenizer, texts, self.cfg.text.max_length)
         with self.strategy.autocast():
             out = self.model(input_ids=ids, pixel_values=images_to_unit_range(images_u8))
@@ -246,6 +268,10 @@ def pretrain_siglip(cfg: SiglipPretrainConfig, out: str | Path, resume: str | No
         **trainer.run_metrics(summary),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+    if cfg.feature_probe:
+        from toy.feature_probe import probe_tower
+
+        metrics["feature_probe"] = probe_tower(vision_tower(model))
     with atomic_dir(out) as tmp:
         save_siglip(model, tokenizer, tmp)
         write_recipe(tmp, "siglip", to_dict(cfg), cfg.seed, time.time() - trainer.started, metrics)

@@ -12,7 +12,7 @@ Layout (read by the data layer's folder and parquet sources and by lmms-eval loc
     DIR/<split>/metadata.parquet     the same rows; "file_name" is the image path column
 
 Each row: file_name, mask_file_name, id ("scene_000123", global index), index, split, width, height,
-n_objects, caption, caption_fine, qa [{question, answer, type}], scene {background, background_rgb,
+n_objects, caption, caption_fine, caption_web (alt-text style: no positions, sizes or counts), qa [{question, answer, type}], scene {background, background_rgb,
 objects [{shape, colour, rgb, shade, size, cx, cy, bbox, bbox_px, area_px}]}.
 
 Loading with HF datasets: both metadata files sit in each split folder, so name the one to use:
@@ -240,6 +240,7 @@ def _write_scene(split_dir: Path, split: str, index: int, seed: int, size: int, 
         "n_objects": len(scene.objects),
         "caption": world.caption_coarse(scene),
         "caption_fine": world.caption_fine(scene),
+        "caption_web": world.caption_web(scene, scene_rng(seed, index, attempt, 2)),
         "qa": [asdict(q) for q in qa],
         "scene": graph,
     }

@@ -423,6 +423,37 @@ def caption_fine(scene: Scene) -> str:
     return f"{_join(phrases)} on {_article(scene.background)} {scene.background} background"
 
 
+# Alt-text style: what a web caption says about a picture, and what it leaves out. Attributes are named with these
+# probabilities; the words never state a position, a size or a count (a contrastive encoder trained on them has no
+# signal for those, as a web-trained SigLIP has little for what alt-text rarely says).
+WEB_MENTION_PROB = 0.6  # each object is mentioned with this probability (a caption may mention none)
+WEB_MAX_MENTIONS = 2  # so that no caption accounts for every object of a 3-object scene
+WEB_COLOUR_PROB = 0.7
+WEB_SHAPE_PROB = 0.6
+WEB_BACKGROUND_PROB = 0.4
+WEB_THING_WORDS: tuple[str, ...] = ("thing", "shape", "object")
+WEB_GENERIC: tuple[str, ...] = ("shapes", "simple shapes", "some shapes", "an abstract picture", "geometric art")
+
+
+def caption_web(scene: Scene, rng: np.random.Generator) -> str:
+    """A web-like caption: a random subset of the objects with some of their attributes, in random order, maybe
+    the background: "a red circle", "shapes on a navy background", "a green square and a yellow thing"."""
+    mentioned = [o for o in scene.objects if rng.random() < WEB_MENTION_PROB][:WEB_MAX_MENTIONS]
+    phrases = []
+    for i in rng.permutation(len(mentioned)):
+        o = mentioned[int(i)]
+        colour = o.colour if rng.random() < WEB_COLOUR_PROB else ""
+        noun = o.shape if rng.random() < WEB_SHAPE_PROB else WEB_THING_WORDS[int(rng.integers(len(WEB_THING_WORDS)))]
+        words = " ".join(w for w in (colour, noun) if w)
+        phrases.append(f"{_article(words)} {words}")
+    background = rng.random() < WEB_BACKGROUND_PROB
+    if not phrases:
+        subject = WEB_GENERIC[int(rng.integers(len(WEB_GENERIC)))]
+        return f"{subject} on {_article(scene.background)} {scene.background} background" if background else subject
+    subject = _join(phrases)
+    return f"{subject} on {_article(scene.background)} {scene.background} background" if background else subject
+
+
 # --- questions ------------------------------------------------------------------------------------
 def questions(scene: Scene, rng: np.random.Generator) -> list[QA]:
     """Unambiguous QA pairs about ``scene``, in a fixed order of types.

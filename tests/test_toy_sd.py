@@ -1,0 +1,190 @@
+"""The 64-px toy world's parts: web-like captions, the miniature Stable Diffusion (a trained AutoencoderKL + a latent
+UNet in StableDiffusionPipeline's layout, loaded by stock diffusers and by ViLex's `stable_diffusion` decoder type),
+and the linear feature probe. Tiny settings, a few steps each, through the `vilex` CLI into tmp_path."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from toy.recipe import Stream, heldout_scenes, read_recipe, toy_rng
+from toy.scenes import world
+from vilex.cli.main import main
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+TINY_VAE = ["--set", "image_size=32", "--set", "vae.block_out_channels=[8,16]", "--set", "vae.norm_num_groups=8",
+            "--set", "train.global_batch_size=4", "--set", "train.crop_size=16", "--set", "train.num_workers=0",
+            "--set", "train.log_every=1", "--set", "train.warmup_steps=1", "--set", "gate.n_scenes=8"]
+TINY_LATENT_UNET = [
+    "--set", "image_size=32", "--set", "unet.block_out_channels=[16,16]", "--set", "unet.norm_num_groups=8",
+    "--set", "unet.down_block_types=[CrossAttnDownBlock2D,DownBlock2D]",
+    "--set", "unet.up_block_types=[UpBlock2D,CrossAttnUpBlock2D]",
+    "--set", "text_encoder.pretrained=null", "--set", "text_encoder.width=32", "--set", "text_encoder.layers=1",
+    "--set", "train.global_batch_size=4", "--set", "train.num_workers=0", "--set", "train.log_every=1",
+    "--set", "train.warmup_steps=1", "--set", "gate.enabled=false",
+]
+# words that state a position, a size or a count: a web caption never has one
+NOT_WEB_WORDS = {*world.GRID3_ROWS, *world.GRID3_COLS, *world.FINE_SIZE_WORDS, *world.COARSE_SIZE_WORDS,
+                 "column", "row", "one", "two", "three", "1", "2", "3", "4", "5", "dark", "light"}
+
+
+# ----------------------------------------------------------------------------- web-like captions
+def test_web_captions_name_only_what_is_there_and_never_positions_sizes_or_counts():
+    scenes = heldout_scenes(3, 400)
+    rng = toy_rng(3, Stream.CHOICES)
+    captions = [world.caption_web(s, rng) for s in scenes]
+    for scene, caption in zip(scenes, captions):
+        words = set(caption.replace(",", " ").split())
+        assert not words & NOT_WEB_WORDS, caption
+        named_colours = words & set(world.OBJECT_COLOURS)
+        named_shapes = words & set(world.SHAPES)
+        assert named_colours <= {o.colour for o in scene.objects} | {scene.background}, caption
+        assert named_shapes <= {o.shape for o in scene.objects}, caption
+        assert caption.count(" and ") + caption.count(", ") <= 1, caption  # at most two objects are mentioned
+    # the captions vary: some name nothing, some the background, few name every object of a 3-object scene
+    assert len(set(captions)) > 150
+    assert any(c in world.WEB_GENERIC for c in captions) and any("background" in c for c in captions)
+    # a scene's caption is a function of the seeded draw (the generator writes the same one again)
+    assert world.caption_web(scenes[0], toy_rng(9, Stream.CHOICES)) == world.caption_web(scenes[0],
+                                                                                         toy_rng(9, Stream.CHOICES))
+
+
+def test_generated_datasets_carry_the_web_caption(tmp_path):
+    assert main(["toy", "generate", "--out", str(tmp_path / "d"), "--n", "20", "--seed", "2", "--size", "64"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "d" / "train" / "metadata.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["caption_web"], str) and r["caption_web"] for r in rows)
+    assert all(r["width"] == 64 for r in rows)
+
+
+# ----------------------------------------------------------------------------- the miniature SD
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vae")
+    assert main(["toy", "pretrain-vae", "--out", str(root / "vae"), "--set", f"work_dir={root / 'work'}",
+                 "--set", "train.max_steps=4", "--set", "train.checkpoint_every=2", *TINY_VAE]) == 0
+    return root
+
+
+def test_pretrain_vae_writes_an_autoencoderkl_with_a_measured_scaling_factor(tiny_vae):
+    from diffusers import AutoencoderKL
+
+    from toy.pretrain_vae import evaluate_vae
+
+    vae = AutoencoderKL.from_pretrained(str(tiny_vae / "vae"))
+    recipe = read_recipe(tiny_vae / "vae")
+    metrics = recipe["metrics"]
+    assert metrics["steps_done"] == 4 and metrics["latent_shape"] == [4, 16, 16]
+    # the scaling factor is 1 / std of the held-out posterior means, as SD 1.5's 0.18215 was measured
+    assert vae.config.scaling_factor == pytest.approx(1 / metrics["latent_std"], rel=1e-3)
+    assert metrics["gate"] == {"min_psnr_db": 30.0, "passed": metrics["heldout_psnr_db"] >= 30.0}
+    again = evaluate_vae(vae, 32, 0, 8)
+    assert again["heldout_psnr_db"] == metrics["heldout_psnr_db"]
+
+
+def test_pretrain_vae_resume_is_exact(tmp_path, tiny_vae):
+    """The fixture's 4-step run, its last checkpoint removed (a kill after step 3), --resume auto: same weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_vae / "work", work)
+    shutil.rmtree(work / "checkpoints" / "checkpoint-4")
+    assert main(["toy", "pretrain-vae", "--out", str(tmp_path / "vae"), "--set", f"work_dir={work}",
+                 "--set", "train.max_steps=4", "--set", "train.checkpoint_every=2", *TINY_VAE,
+                 "--resume", "auto"]) == 0
+    assert read_recipe(tmp_path / "vae")["metrics"]["resumed_from_step"] == 2
+    resumed = load_file(str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    straight = load_file(str(tiny_vae / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert resumed.keys() == straight.keys()
+    assert all(torch.allclose(resumed[k], straight[k], atol=1e-6) for k in resumed)
+
+
+def test_the_psnr_is_that_of_8_bit_images():
+    from toy.pretrain_vae import psnr
+
+    x = -torch.ones(1, 3, 4, 4)  # 8-bit 0
+    assert 100 < psnr(x, x).item() < float("inf")  # identical: large, not infinite
+    y = x.clone()
+    y[..., 0, 0] = -1 + 2 / 255  # 8-bit 1 in one pixel of 16, every channel: MSE 1/16
+    assert psnr(y, x).item() == pytest.approx(10 * np.log10(255 ** 2 / (1 / 16)), abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory, tiny_vae, toy_tokenizer):
+    root = tmp_path_factory.mktemp("sd")
+    assert main(["toy", "pretrain-decoder", "--config", "configs/toy/sd.yaml", "--out", str(root / "sd"),
+                 "--set", f"vae={tiny_vae / 'vae'}", "--set", f"tokenizer={toy_tokenizer}",
+                 "--set", f"work_dir={root / 'work'}", "--set", "train.max_steps=3", *TINY_LATENT_UNET]) == 0
+    return root / "sd"
+
+
+def test_the_mini_sd_is_a_stock_stable_diffusion_pipeline(tiny_sd):
+    from diffusers import StableDiffusionPipeline
+
+    index = json.loads((tiny_sd / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert (tiny_sd / "vae" / "recipe.json").is_file()  # the VAE's own recipe travels with it
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd))
+    assert pipe.vae_scale_factor == 2 and pipe.unet.config.in_channels == 4
+    out = pipe("a red circle at the top left on a gray background", num_inference_steps=3, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
+
+
+def test_vilex_trains_against_the_mini_sd_as_a_stable_diffusion_decoder(tiny_sd):
+    from toy.decoder_model import LatentSpace
+    from vilex.models.configs import DecoderConfig
+    from vilex.models.decoders import StableDiffusionDecoder, build_frozen_decoder
+
+    decoder = build_frozen_decoder(DecoderConfig(type="stable_diffusion", name_or_path=str(tiny_sd)))
+    assert isinstance(decoder, StableDiffusionDecoder)
+    assert decoder.image_size == 32 and decoder.model_space_shape == (4, 16, 16)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    # the decoder's model space is the one the UNet was trained in: the same scaled posterior mean
+    mean, _ = decoder.encode_posterior(images)
+    space = LatentSpace(tiny_sd / "vae")
+    expected = space.vae.encode(images).latent_dist.mean * space.scaling
+    assert torch.allclose(decoder.model_space_from_posterior(mean, torch.zeros_like(mean)), expected, atol=1e-5)
+
+
+def test_a_latent_unet_refuses_coordinate_channels(tmp_path, tiny_vae, toy_tokenizer):
+    code = main(["toy", "pretrain-decoder", "--config", "configs/toy/sd.yaml", "--out", str(tmp_path / "sd"),
+                 "--set", f"vae={tiny_vae / 'vae'}", "--set", f"tokenizer={toy_tokenizer}",
+                 "--set", f"work_dir={tmp_path / 'work'}", "--set", "train.max_steps=1", *TINY_LATENT_UNET,
+                 "--set", "unet.coordinate_channels=2"])
+    assert code == 2 and not (tmp_path / "sd").exists()
+
+
+# ----------------------------------------------------------------------------- the feature probe
+class _FakeTower(torch.nn.Module):
+    """A 'tower' whose features are the object count (one-hot) plus noise, or noise alone."""
+
+    def __init__(self, informative: bool) -> None:
+        super().__init__()
+        self.informative = informative
+        self.config = type("C", (), {"image_size": 16})()
+        self.gen = torch.Generator().manual_seed(0)
+
+    def forward(self, pixel_values):
+        noise = torch.randn(pixel_values.shape[0], 4, 6, generator=self.gen)
+        if self.informative:  # the count is visible as how many non-background pixels there are
+            fg = (pixel_values - pixel_values[:, :, :1, :1]).abs().sum(1).gt(0.1).float().mean((1, 2))
+            noise[:, :, 0] += fg[:, None] * 50
+        return type("O", (), {"last_hidden_state": noise})()
+
+
+def test_feature_probe_reads_what_features_carry_and_not_what_they_miss():
+    from toy.feature_probe import probe_table, probe_tower
+
+    informative = probe_tower(_FakeTower(True), seed=5, n_train=300, n_test=200)
+    blind = probe_tower(_FakeTower(False), seed=5, n_train=300, n_test=200)
+    # foreground area separates counts well, and says nothing about the background colour's name
+    assert informative["count"]["tokens"] > informative["count"]["majority"] + 0.15
+    chance = {"count": 1 / 3, "largest_colour": 1 / 8, "background": 1 / 5}
+    for target, level in chance.items():
+        assert blind[target]["tokens"] < max(level, blind[target]["majority"]) + 0.12
+    assert informative["smallest_shape"]["n_test"] < 200  # single-object scenes do not ask it
+    table = probe_table({"a": informative, "b": blind})
+    assert table.splitlines()[0] == "| target | a | b | majority |" and "smallest_shape" in table
