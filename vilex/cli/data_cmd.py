@@ -3,9 +3,12 @@
     vilex data inspect --source-type folder --path imgs/
     vilex data inspect --source-type hf --path data/*.parquet --image-column jpg
     vilex data inspect --source-type webdataset --path 'shards/s-{000..009}.tar' --limit 1000
+    vilex data inspect --source-type webdataset --path /data/cc12m        # img2dataset output folder
+    vilex data inspect --source-type webdataset --path 'https://host/wds/s-{000..009}.tar' --limit 100
 
-Prints one JSON object (samples, decoded, skips by reason, formats, modes, sizes). A source where
-nothing decodes prints the JSON and then fails with the one-line DataError (exit code 2).
+Prints one JSON object (samples, decoded, skips by reason, formats, modes, sizes; for img2dataset output also
+its summed ``_stats.json`` download counts). A source where nothing decodes prints the JSON and then fails with
+the one-line DataError (exit code 2).
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ command_group("data", "inspect image sources through the data layer")
 def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source-type", default="folder", help="folder | hf | webdataset (default: folder)")
     p.add_argument("--path", nargs="+", required=True,
-                   help="folder; parquet/json files or a save_to_disk folder; .tar shards (globs/braces allowed)")
+                   help="folder; parquet/json files or a save_to_disk folder; .tar shards, a folder of them or their "
+                        "URLs (globs/braces allowed)")
     p.add_argument("--hf-format", default="auto", choices=["auto", "parquet", "json", "disk"], help="hf only")
     p.add_argument("--image-column", default="image", help="hf only: the image column (default: image)")
     p.add_argument("--split", default="train", help="hf only: split of a saved DatasetDict")

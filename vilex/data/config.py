@@ -15,12 +15,15 @@ Fields that only one source type reads (``hf_format``, ``image_column``, ``meta_
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from vilex.config import cfg_field
 from vilex.data.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from vilex.errors import ConfigError
+
+URL_PATTERN = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")  # fsspec's "protocol://..." (vilex.data.remote)
 
 
 @dataclass
@@ -47,14 +50,35 @@ def _default_views() -> dict[str, ViewConfig]:
 
 
 @dataclass
+class RemoteConfig:
+    """How shards given as URLs are read (webdataset only; vilex/data/remote.py says why these caches)."""
+
+    block_size: int = cfg_field(
+        1 << 20, ge=4096, le=1 << 30, help="bytes per range request while listing a remote shard's tar headers; "
+        "the listing's read-ahead cache holds at most this + 512 bytes per open shard. Larger: fewer requests "
+        "(small members); smaller: fewer bytes (members much larger than it are skipped over)"
+    )
+    retries: int = cfg_field(3, ge=0, le=20, help="retries of a failed range request (network errors, 5xx, 408, "
+                             "429; not 403/404) before it counts as failed")
+    backoff_s: float = cfg_field(1.0, ge=0, le=60, help="wait before the first retry; doubles on each (at most 30 s)")
+    on_error: Literal["skip", "raise"] = cfg_field(
+        "skip", help="a read still failing after the retries: skip = count the shard's remaining samples as "
+        "skipped ('remote_error'; a failed listing is one 'bad_shard') and go on with the next shard; raise = stop "
+        "the run with the error"
+    )
+
+
+@dataclass
 class SourceConfig:
     """Where the images are and which of them are usable (see the module docstring)."""
 
     type: str = cfg_field("folder", help="image source type: folder | hf | webdataset (a name in IMAGE_SOURCES)")
     path: str | list[str] = cfg_field(
         "", help="folder: the image folder; hf: parquet/json file(s), globs, or a save_to_disk folder; "
-        "webdataset: .tar shards, globs or brace patterns like shard-{000..009}.tar"
+        "webdataset: .tar shards, globs or brace patterns like shard-{000..009}.tar, a folder (its *.tar: "
+        "img2dataset output as it is), or fsspec URLs (s3://, gs://, hf://, https://) of the same forms"
     )
+    remote: RemoteConfig = cfg_field(default_factory=RemoteConfig, help="webdataset only: reading shards given as URLs")
     hf_format: Literal["auto", "parquet", "json", "disk"] = cfg_field(
         "auto", help="hf only: file format; auto = from the suffix (.parquet, .json/.jsonl) or a folder = disk"
     )
@@ -72,6 +96,10 @@ class SourceConfig:
 
         if self.type not in IMAGE_SOURCES:
             raise ConfigError(f"type: unknown image source '{self.type}'; registered: {', '.join(IMAGE_SOURCES.names())}")
+        urls = [p for p in self.paths if URL_PATTERN.match(p)]
+        if urls and self.type in ("folder", "hf"):
+            raise ConfigError(f"path: {urls[0]} is a URL; the {self.type} source reads local files only "
+                              f"(remote data: webdataset shards, type: webdataset)")
 
     @property
     def paths(self) -> list[str]:

@@ -48,6 +48,7 @@ SKIP_REASONS: dict[str, str] = {
     "unreadable": "the file or member could not be read (missing, a directory, I/O or permission error)",
     "missing_image": "a record with no image in it (e.g. a webdataset sample with only .txt)",
     "bad_shard": "a tar shard that could not be opened or listed to its end (counted once per shard)",
+    "remote_error": "a remote shard's read still failing after remote.retries (that sample and the rest of its shard)",
 }
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "La", "RGBa"}

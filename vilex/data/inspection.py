@@ -2,6 +2,7 @@
 
 Backs ``vilex data inspect``. It decodes every sample (no resizing, no tensors) with the same
 ``decode_image`` and skip reasons the loader uses, so what it reports is what training will see.
+Local webdataset shards written by img2dataset also get its ``*_stats.json`` download counts, summed.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 from vilex.data.decode import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, BadSample, decode_image_with_info
 from vilex.data.skips import SkipCounter
 from vilex.data.sources import ImageSource, MapImageSource, RawSample, ShardedImageSource
+from vilex.data.tar_source import TarShardSource, img2dataset_stats
 
 
 def iter_stored_order(source: ImageSource, skips: SkipCounter) -> Iterator[tuple[str, Callable[[], RawSample]]]:
@@ -57,7 +59,7 @@ def inspect_source(
         modes[info.mode] += 1
         widths.append(info.width)
         heights.append(info.height)
-    return {
+    report: dict[str, Any] = {
         "source": source.name,
         "samples": samples,
         "decoded": len(widths),
@@ -68,6 +70,10 @@ def inspect_source(
         "width": _stats(widths),
         "height": _stats(heights),
     }
+    downloads = img2dataset_stats(source.shards) if isinstance(source, TarShardSource) else None
+    if downloads is not None:  # img2dataset output: what failed to download never reached the tars
+        report["img2dataset"] = downloads
+    return report
 
 
 def _stats(values: list[int]) -> dict[str, float] | None:

@@ -19,6 +19,7 @@ A concrete source registers itself under its ``type`` name and builds from a ``D
 from __future__ import annotations
 
 import glob
+import os
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -107,6 +108,16 @@ class ShardedImageSource(ImageSource):
     def open_shard(self, index: int) -> ShardReader:
         """Open shard ``index`` and list its samples (headers only, no image data)."""
 
+    def shard_fingerprint(self, index: int) -> str:
+        """What changes when shard ``index``'s bytes do, without reading them: here the local file's size and
+        modification time (``"missing"`` if there is none). Derived data (the latent cache) is keyed per shard with
+        it, so a rewritten shard is re-encoded on its own. Sources of remote shards override it."""
+        try:
+            st = os.stat(self.shards[index])
+        except OSError:
+            return "missing"
+        return f"{st.st_size}:{st.st_mtime_ns}"
+
     @property
     def size(self) -> int:
         return len(self.shards)
@@ -147,18 +158,37 @@ def expand_braces(pattern: str) -> list[str]:
     return [expanded for option in options for expanded in expand_braces(head + option + tail)]
 
 
-def expand_paths(patterns: list[str], what: str) -> list[Path]:
-    """Expand braces and globs; every pattern must match something. Order: as given, globs sorted."""
-    paths: list[Path] = []
+def expand_paths(patterns: list[str], what: str, *, urls: bool = False,
+                 folder_glob: str | None = None) -> list[Path | str]:
+    """Expand braces and globs; every local pattern must match something. Order: as given, globs sorted.
+
+    Local entries come back as ``Path``. With ``urls=True`` an fsspec URL (``s3://``, ``https://``, ...) stays a
+    ``str``: braces expand as text, globs go through its filesystem's ``glob`` (vilex/data/remote.py), and a
+    plain URL is not checked here (one request per shard before the first batch; a missing one fails when
+    opened). Without it a URL is refused in one line. With ``folder_glob`` (e.g. ``"*.tar"``) a folder, or a
+    URL ending in ``/``, stands for its matching files, sorted.
+    """
+    from vilex.data import remote  # here: it imports the data config, which this module otherwise only type-checks
+
+    paths: list[Path | str] = []
     for pattern in patterns:
         for expanded in expand_braces(pattern):
-            if glob.has_magic(expanded):
+            if remote.is_url(expanded):
+                if not urls:
+                    raise DataError(f"{what}: {expanded} is a URL; this source reads local files only")
+                paths.extend(remote.expand_url(expanded, what, folder_glob))
+            elif glob.has_magic(expanded):
                 matches = sorted(glob.glob(expanded))
                 if not matches:
                     raise DataError(f"{what}: no files match {expanded}")
                 paths.extend(Path(m) for m in matches)
             elif not Path(expanded).exists():
                 raise DataError(f"{what}: file not found: {expanded}")
+            elif folder_glob and Path(expanded).is_dir():
+                inside = sorted(p for p in Path(expanded).glob(folder_glob) if p.is_file())
+                if not inside:
+                    raise DataError(f"{what}: no {folder_glob} files in the folder {expanded}")
+                paths.extend(inside)
             else:
                 paths.append(Path(expanded))
     return paths
