@@ -143,6 +143,21 @@ def test_resume_with_bad_shards_counts_each_once(shards, tmp_path, k):
     assert original.summary()["samples"] == 3 + 3
 
 
+def test_resume_into_a_shard_that_no_longer_lists_counts_it(shards):
+    """Saved inside shard 0, then shard 0 becomes unreadable (a remote listing that now fails, a replaced file):
+    its remaining samples are lost, so the resume counts one bad_shard rather than nothing."""
+    paths, _ = shards
+    loader_args = {"batch_size": 1, "shuffle": False, "epochs": 1}
+    original = _shard_loader(paths[:2], **loader_args)
+    list(itertools.islice(iter(original), 2))
+    state = original.state_dict()
+    paths[0].write_bytes(b"not a tar" * 100)
+    restored = _shard_loader(paths[:2], **loader_args)
+    restored.load_state_dict(state)
+    rest = list(restored)
+    assert len(rest) == 3 and restored.summary()["skipped"] == {"bad_shard": 1}
+
+
 def test_state_for_another_setup_is_refused(folder_23):
     root, _ = folder_23
     state = _folder_loader(root).state_dict()

@@ -89,54 +89,54 @@ def test_math_attention_backend_changes_the_kernel_not_the_step(sd_world, tmp_pa
     assert losses["math"] == pytest.approx(losses["auto"], rel=1e-4)
 
 
-def test_latent_cache_hit_miss_and_invalidation(sd_world, tmp_path):
+def test_latent_cache_hit_miss_and_invalidation(sd_world, tmp_path, monkeypatch):
+    import os
+
     from vilex.models import ViLexModel
     from vilex.train import latent_cache as lc
     from vilex.train.data import model_views
 
-    cfg = _cfg(sd_world, tmp_path)
+    cfg = _cfg(sd_world, tmp_path, "latent_cache.chunk_rows=8")  # 19 images: 3 units
     model = ViLexModel.from_config(cfg.model)
     view = model_views(model, cfg.data.train)["decoder"]
-    builds = []
-    real_build = lc.build_cache
-    lc.build_cache = lambda *a, **k: (builds.append(a[0]), real_build(*a, **k))[1]
-    try:
-        first = lc.LatentCache.open_or_build(cfg.latent_cache, model.decoder, cfg.data.train, view)
-        again = lc.LatentCache.open_or_build(cfg.latent_cache, model.decoder, cfg.data.train, view)
-        assert len(builds) == 1 and again.folder == first.folder  # hit
-        assert len(first) == 19  # the toy train split of 24 scenes
+    encoded = []  # (cache folder, unit) of every unit encoded
+    real_encode = lc._encode_unit
+    monkeypatch.setattr(lc, "_encode_unit", lambda folder, layout, unit, *a, **k: (
+        encoded.append((folder.name, unit.name)), real_encode(folder, layout, unit, *a, **k))[1])
 
-        # the cached posterior is the VAE's posterior of the same view of the image
-        from vilex.data import ImageLoader, build_source
+    def build(v=view):
+        return lc.LatentCache.open_or_build(cfg.latent_cache, model.decoder, cfg.data.train, v)
 
-        batch = next(iter(ImageLoader(build_source(cfg.data.train), views={"d": view}, batch_size=3, shuffle=False)))
-        mean, std = first.posterior(batch.keys)
-        ref_mean, ref_std = model.decoder.encode_posterior(batch.images["d"])
-        torch.testing.assert_close(mean, ref_mean)
-        torch.testing.assert_close(std, ref_std)
-        # sampling from the cache == the decoder's own sampling for the same generator state
-        x_cache = first.sample(batch.keys, model.decoder, torch.Generator().manual_seed(3))
-        x_direct = model.decoder.to_model_space(batch.images["d"], torch.Generator().manual_seed(3))
-        torch.testing.assert_close(x_cache, x_direct)
+    first = build()
+    again = build()
+    assert len(encoded) == 3 and again.folder == first.folder and again.report.encoded == 0  # hit
+    assert len(first) == 19  # the toy train split of 24 scenes
 
-        # another resolution/transform -> another cache
-        lc.LatentCache.open_or_build(cfg.latent_cache, model.decoder, cfg.data.train, dataclasses.replace(view, fit="letterbox"))
-        assert len(builds) == 2
-        # another VAE (one weight changed) -> another cache
-        with torch.no_grad():
-            next(model.decoder.vae.parameters()).add_(1e-3)
-        lc.LatentCache.open_or_build(cfg.latent_cache, model.decoder, cfg.data.train, view)
-        assert len(builds) == 3
-        # changed data (an image rewritten) -> another cache; the old folders are never reused for it
-        img = sorted((Path(cfg.data.train.path) / "images").glob("*.png"))[0]
-        img.write_bytes(img.read_bytes())
-        import os
+    # the cached posterior is the VAE's posterior of the same view of the image
+    from vilex.data import ImageLoader, build_source
 
-        os.utime(img, ns=(1, 1))
-        lc.LatentCache.open_or_build(cfg.latent_cache, model.decoder, cfg.data.train, view)
-        assert len(builds) == 4 and len(set(builds)) == 4
-    finally:
-        lc.build_cache = real_build
+    batch = next(iter(ImageLoader(build_source(cfg.data.train), views={"d": view}, batch_size=3, shuffle=True)))
+    mean, std = first.posterior(batch.keys, batch.locations)
+    ref_mean, ref_std = model.decoder.encode_posterior(batch.images["d"])
+    torch.testing.assert_close(mean, ref_mean)
+    torch.testing.assert_close(std, ref_std)
+    # sampling from the cache == the decoder's own sampling for the same generator state
+    x_cache = first.sample(batch.keys, batch.locations, model.decoder, torch.Generator().manual_seed(3))
+    x_direct = model.decoder.to_model_space(batch.images["d"], torch.Generator().manual_seed(3))
+    torch.testing.assert_close(x_cache, x_direct)
+
+    # another resolution/transform -> another cache
+    assert build(dataclasses.replace(view, fit="letterbox")).folder != first.folder and len(encoded) == 6
+    # another VAE (one weight changed) -> another cache
+    with torch.no_grad():
+        next(model.decoder.vae.parameters()).add_(1e-3)
+    changed_vae = build()
+    assert len(encoded) == 9 and len({folder for folder, _ in encoded}) == 3
+    # changed data (an image rewritten) -> the unit holding it is encoded again, alone
+    img = sorted((Path(cfg.data.train.path) / "images").glob("*.png"))[0]
+    img.write_bytes(img.read_bytes())
+    os.utime(img, ns=(1, 1))
+    assert build().folder == changed_vae.folder and encoded[9:] == [(changed_vae.folder.name, "chunk-000000")]
 
 
 def test_latent_cache_unknown_sample_is_a_clear_error(sd_world, tmp_path):
@@ -150,7 +150,7 @@ def test_latent_cache_unknown_sample_is_a_clear_error(sd_world, tmp_path):
     cache = LatentCache.open_or_build(cfg.latent_cache, model.decoder, cfg.data.train,
                                       model_views(model, cfg.data.train)["decoder"])
     with pytest.raises(UserError, match="has no entry for sample 'nope.png': the data changed"):
-        cache.posterior(["nope.png"])
+        cache.posterior(["nope.png"], [(0, 0)])
 
 
 def _nan_every(trainer, bad_calls):

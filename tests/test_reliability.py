@@ -108,29 +108,41 @@ def _cache_folder(out: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("damage", ["index_truncated", "shard_truncated"])
+def _verify_cache(folder: Path) -> None:
+    """Every unit's sidecar has the size and content hash its completion marker records."""
+    from vilex.checkpoint import file_hash
+
+    markers = sorted(folder.glob("*.done.json"))
+    assert markers and len(markers) == len(list(folder.glob("*.safetensors")))
+    for marker in markers:
+        want = json.loads(marker.read_text())["sidecar"]
+        sidecar = marker.with_name(marker.name.replace(".done.json", ".safetensors"))
+        assert (sidecar.stat().st_size, file_hash(sidecar)) == (want["size"], want["xxh3_128"])
+
+
+@pytest.mark.parametrize("damage", ["marker_truncated", "sidecar_truncated"])
 def test_a_broken_latent_cache_is_rebuilt_with_a_warning(world, tmp_path, damage):
     out = tmp_path / "run"
     first = run_cli(cli_args(world, out, "train.max_steps=1", *COMMON))
     assert first.returncode == 0, first.stderr[-2000:]
     folder = _cache_folder(out)
-    target = folder / "index.json" if damage == "index_truncated" else next(folder.glob("shard-*.safetensors"))
+    target = next(folder.glob("*.done.json" if damage == "marker_truncated" else "*.safetensors"))
     target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
     again = run_cli(cli_args(world, tmp_path / "run2", "train.max_steps=1", f"latent_cache.dir={out / 'latent_cache'}",
                              *COMMON))
     assert again.returncode == 0, again.stderr[-2000:]
     assert "is broken" in again.stderr and "rebuilding" in again.stderr
-    verify_folder(_cache_folder(out))  # rebuilt whole
+    _verify_cache(_cache_folder(out))  # rebuilt whole
 
 
-def test_changed_bytes_in_a_cache_shard_stop_the_run_in_one_line_and_the_next_start_rebuilds(world, tmp_path):
+def test_changed_bytes_in_a_cache_sidecar_stop_the_run_in_one_line_and_the_next_start_rebuilds(world, tmp_path):
     out = tmp_path / "run"
     assert run_cli(cli_args(world, out, "train.max_steps=1", *COMMON)).returncode == 0
     folder = _cache_folder(out)
-    shard = next(folder.glob("shard-*.safetensors"))
-    data = bytearray(shard.read_bytes())
+    sidecar = next(folder.glob("*.safetensors"))
+    data = bytearray(sidecar.read_bytes())
     data[-200:] = bytes(200)  # same size: only the content hash can tell
-    shard.write_bytes(bytes(data))
+    sidecar.write_bytes(bytes(data))
     args = cli_args(world, tmp_path / "run2", "train.max_steps=2", f"latent_cache.dir={out / 'latent_cache'}",
                     *COMMON)
     stopped = run_cli(args)
@@ -138,10 +150,12 @@ def test_changed_bytes_in_a_cache_shard_stop_the_run_in_one_line_and_the_next_st
     [line] = [x for x in stopped.stderr.splitlines() if x.startswith("error:")]
     assert line.startswith("error: latent cache") and "has changed bytes" in line and "rebuilt" in line
     assert "Traceback" not in stopped.stderr
-    assert (folder / "CORRUPT").is_file()
+    note = sidecar.with_name(sidecar.name.replace(".safetensors", ".corrupt"))
+    assert note.is_file()  # the unit is marked (its marker withdrawn) for the next start
     rebuilt = run_cli(args + ["--resume", "auto"])
     assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
-    assert "rebuilding" in rebuilt.stderr and not (folder / "CORRUPT").exists()
+    assert "rebuilding" in rebuilt.stderr and not note.exists()
+    _verify_cache(folder)
 
 
 # ----------------------------------------------------------------------------- one writer per folder

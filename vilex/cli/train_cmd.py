@@ -69,21 +69,33 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
 
 @command("cache-latents", help="precompute the VAE posterior (mean, std) of every training image")(_cache_args)
 def _cache_latents(args: argparse.Namespace) -> int:
+    """Runs as one process or under the training launchers (scripts/launch.sh N cache-latents ...): every process
+    encodes its share of the shards (vilex/train/latent_cache.py), each on its own device."""
     from vilex.models import ViLexModel
+    from vilex.train import distributed as D
     from vilex.train.data import model_views
     from vilex.train.latent_cache import LatentCache
 
-    from vilex.train.distributed import resolve_device
-
     cfg = _load_pretrain_config(args)
+    rank, world, _ = D.env_world()
+    D.init_process_group_if_needed()
+    # under a launcher, "auto" is this process's own GPU (LOCAL_RANK), as in training
+    device = D.default_device() if args.device == "auto" else D.resolve_device(args.device, "--device")
     model = ViLexModel.from_config(cfg.model)
-    model.decoder.to(resolve_device(args.device, "--device"))  # the VAE encodes every image there
+    model.decoder.to(device)  # the VAE encodes this process's share there
     if not model.decoder.has_vae:
-        print(f"decoder '{cfg.model.decoder.type}' works in pixel space: nothing to cache", file=sys.stderr)
-        return 0
-    views = model_views(model, cfg.data.train)
-    cache = LatentCache.open_or_build(cfg.latent_cache, model.decoder, cfg.data.train, views["decoder"])
-    print(json.dumps({"cache": str(cache.folder), "entries": len(cache)}, indent=2))
+        if rank == 0:
+            print(f"decoder '{cfg.model.decoder.type}' works in pixel space: nothing to cache", file=sys.stderr)
+    else:
+        views = model_views(model, cfg.data.train)
+        cache = LatentCache.open_or_build(cfg.latent_cache, model.decoder, cfg.data.train, views["decoder"],
+                                          rank=rank, world_size=world)
+        if rank == 0:
+            report = cache.report
+            print(json.dumps({"cache": str(cache.folder), "entries": len(cache), "units": report.units,
+                              "encoded_units": report.encoded, "skipped": report.skipped}, indent=2))
+    if world > 1:
+        D.shutdown_and_exit(0)
     return 0
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -58,16 +58,22 @@ STATE_FORMAT = "vilex.data.ImageLoader/1"
 LOG_FIRST_SKIPS = 5  # per reason, at WARNING; later ones at DEBUG so a bad dataset cannot flood the log
 
 Position = int | tuple[int, int]  # map: index into the rank's order; sharded: (shard slot, sample slot)
-_Item = tuple[Position, str, Callable[[], RawSample]]  # position after the item, key, reader
+# Where a sample lives in its source, whatever the order: (shard index, position in the shard) for a sharded source;
+# a map source is one shard whose positions are its indices, (0, index). Per-shard derived data (the latent cache's
+# sidecars) is looked up by it without a global key index.
+Location = tuple[int, int]
+_Item = tuple[Position, str, Callable[[], RawSample], Location]  # position after the item, key, reader, location
 
 
 @dataclass
 class Batch:
-    """``images[view]`` is a ``(B, 3, size, size)`` float32 tensor; ``keys``/``meta`` are per sample."""
+    """``images[view]`` is a ``(B, 3, size, size)`` float32 tensor; ``keys``/``meta``/``locations`` are per sample
+    (``locations``: each sample's ``Location`` in its source)."""
 
     images: dict[str, torch.Tensor]
     keys: list[str]
     meta: list[dict[str, Any]]
+    locations: list[Location] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -78,6 +84,7 @@ class _Sample:
     key: str
     images: dict[str, torch.Tensor]
     meta: dict[str, Any]
+    location: Location
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, *salt: int) -> np.ndarray:
@@ -234,7 +241,7 @@ class ImageLoader:
         order = self._rank_order(epoch, len(source))
         for slot in range(start, len(order)):
             index = int(order[slot])
-            yield slot + 1, source.key(index), partial(source.read, index)
+            yield slot + 1, source.key(index), partial(source.read, index), (0, index)
 
     def _sharded_items(self, source: ShardedImageSource, epoch: int, start: tuple[int, int]) -> Iterator[_Item]:
         shard_order = self._rank_order(epoch, len(source.shards))
@@ -243,16 +250,18 @@ class ImageLoader:
             shard = int(shard_order[shard_slot])
             sample_start = first_sample if shard_slot == first_slot else 0
             with source.open_shard(shard) as reader:
-                if reader.error and sample_start == 0:  # counted when the shard is first opened
+                # counted when the shard is first opened, or on a resume into a shard whose listing now fails
+                if reader.error and (sample_start == 0 or not reader.keys):
                     # An item whose read fails, so the skip is counted when the consumer reaches it, in order
                     # (the workers' read-ahead opens shards before earlier samples are consumed).
-                    yield (shard_slot, 0), source.shards[shard], partial(_raise, BadSample("bad_shard", reader.error))
+                    yield ((shard_slot, 0), source.shards[shard], partial(_raise, BadSample("bad_shard", reader.error)),
+                           (shard, -1))
                 n = len(reader.keys)
                 order = epoch_permutation(n, self.seed, epoch, shard) if self.shuffle else np.arange(n)
                 for sample_slot in range(sample_start, n):
                     index = int(order[sample_slot])
                     after = (shard_slot, sample_slot + 1) if sample_slot + 1 < n else (shard_slot + 1, 0)
-                    yield after, reader.keys[index], partial(reader.read, index)
+                    yield after, reader.keys[index], partial(reader.read, index), (shard, index)
 
     # ------------------------------------------------------------------ batches
     def _epoch_batches_from_position(self) -> Iterator[Batch]:
@@ -260,8 +269,8 @@ class ImageLoader:
             yield from self._epoch_batches_in_workers()
             return
         pending: list[_Sample] = []
-        for position_after, key, read in self._items(self._epoch, self._position):
-            sample = self._load(key, read)
+        for position_after, key, read, location in self._items(self._epoch, self._position):
+            sample = self._load(key, read, location)
             if sample is None:
                 continue
             pending.append(sample)
@@ -280,25 +289,30 @@ class ImageLoader:
         if self._pool is None or self._pool.closed:
             self._pool = DecodePool(self.num_workers, self.views, max_pixels=self.max_pixels, min_side=self.min_side,
                                     window=self.prefetch, name=str(self.source))
-        run = self._pool.decode_in_order(self._items(self._epoch, self._position), self.batch_size)
+        # the pool carries a position through opaquely: the location travels inside it
+        items = (((after, location), key, read)
+                 for after, key, read, location in self._items(self._epoch, self._position))
+        run = self._pool.decode_in_order(items, self.batch_size)
         keys: list[str] = []
         metas: list[dict[str, Any]] = []
+        locations: list[Location] = []
         try:
-            for position_after, key, outcome in run:
+            for (position_after, location), key, outcome in run:
                 if isinstance(outcome, BadSample):
                     self._skip(outcome.reason, key, outcome.detail)
                     continue
                 self._epoch_good += 1
                 keys.append(outcome.key)
                 metas.append(outcome.meta)
+                locations.append(location)
                 if len(keys) == self.batch_size:
-                    yield self._batch(run.take_batch(), keys, metas, position_after)
-                    keys, metas = [], []
+                    yield self._batch(run.take_batch(), keys, metas, position_after, locations)
+                    keys, metas, locations = [], [], []
             if keys and self.drop_last:
                 self._dropped_last += len(keys)
                 log.debug("%s: dropped the last %d samples of epoch %d (drop_last)", self.source, len(keys), self._epoch)
             elif keys:
-                yield self._batch(run.take_batch(), keys, metas, self._end_position())
+                yield self._batch(run.take_batch(), keys, metas, self._end_position(), locations)
         finally:
             run.close()
 
@@ -307,7 +321,7 @@ class ImageLoader:
             return (len(self._rank_order(self._epoch, len(self.source.shards))), 0)
         return len(self._rank_order(self._epoch, len(self.source)))  # type: ignore[arg-type]
 
-    def _load(self, key: str, read: Callable[[], RawSample]) -> _Sample | None:
+    def _load(self, key: str, read: Callable[[], RawSample], location: Location) -> _Sample | None:
         try:
             raw = read()
             image = decode_image(raw.data, max_pixels=self.max_pixels, min_side=self.min_side)
@@ -315,7 +329,8 @@ class ImageLoader:
             self._skip(bad.reason, key, bad.detail)
             return None
         self._epoch_good += 1
-        return _Sample(raw.key, {name: render_view(image, view) for name, view in self.views.items()}, raw.meta)
+        return _Sample(raw.key, {name: render_view(image, view) for name, view in self.views.items()}, raw.meta,
+                       location)
 
     def _skip(self, reason: str, key: str, detail: str) -> None:
         self._skips.add(reason)
@@ -327,16 +342,17 @@ class ImageLoader:
 
     def _hand_out(self, samples: list[_Sample], position_after: Position) -> Batch:
         images = {name: torch.stack([s.images[name] for s in samples]) for name in self.views}
-        return self._batch(images, [s.key for s in samples], [s.meta for s in samples], position_after)
+        return self._batch(images, [s.key for s in samples], [s.meta for s in samples], position_after,
+                           [s.location for s in samples])
 
     def _batch(self, images: dict[str, torch.Tensor], keys: list[str], metas: list[dict[str, Any]],
-               position_after: Position) -> Batch:
+               position_after: Position, locations: list[Location]) -> Batch:
         """Move the position past the batch's last sample and count it: the only place the position moves."""
         self._position = position_after
         self._samples += len(keys)
         self._batches += 1
         self._epoch_batches += 1
-        return Batch(images=images, keys=keys, meta=metas)
+        return Batch(images=images, keys=keys, meta=metas, locations=locations)
 
     def _end_epoch(self) -> None:
         where = f" (rank {self.rank} of {self.world_size})" if self.world_size > 1 else ""

@@ -126,6 +126,11 @@ class LatentCacheConfig:
     enabled: bool = cfg_field(True, help="cache the VAE posterior per image (VAE decoders only)")
     dir: Path = Path("~/.cache/vilex/latents")
     dtype: Literal["float16", "float32"] = "float32"
+    chunk_rows: int = cfg_field(4096, ge=1, help="map sources (folder, hf): samples per cache file; each process "
+                                                 "encodes whole files (sharded sources: one file per shard)")
+    wait_timeout_min: Optional[float] = cfg_field(
+        None, gt=0, help="how long a process that has encoded its share of the cache waits for the others' before "
+                         "stopping with an error (null = $VILEX_COLLECTIVE_TIMEOUT_MIN, default 120)")
 
 
 @dataclass

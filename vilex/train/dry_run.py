@@ -187,7 +187,9 @@ def plan_pretrain(cfg: Any, resume: str | None = None, processes: int = 1, title
             run.fact("data.val", describe_source(cfg.data.val))
     if decoder is not None and decoder.has_vae:
         where = Path(cfg.latent_cache.dir).expanduser()
-        run.fact("latent cache", f"{where} (opened, or built before step 1)" if cfg.latent_cache.enabled else "off")
+        built = (f"{where} (completed before step 1, each process encoding its share of the shards; the decoder view "
+                 f"is then never decoded)")
+        run.fact("latent cache", built if cfg.latent_cache.enabled else "off")
     run.fact("output", tc.output_dir)
     describe_resume(run, Path(tc.output_dir) / "checkpoints", resume)
     return run

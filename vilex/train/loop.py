@@ -101,13 +101,16 @@ class Pretrainer(TrainTask):
         self.generator = torch.Generator().manual_seed(tc.seed * 1000 + self.rank)
 
         views = model_views(self.model, cfg.data.train)
+        cached = self.decoder.vae is not None and cfg.latent_cache.enabled
+        # with the latent cache, x0 comes from the cached posterior: the decoder view is never decoded
+        loader_views = {"encoder": views["encoder"]} if cached else views
         self.loader = training_loader(self.model, cfg.data.train, self.batch.micro_batch_size, tc.seed, self.rank, self.world,
-                                      views=views)
+                                      views=loader_views)
         self.decoder.to(self.strategy.device)  # before the latent cache: a cache miss encodes on this device
         self.cache = None
-        if self.decoder.vae is not None and cfg.latent_cache.enabled:
-            self.cache = LatentCache.open_or_build(cfg.latent_cache, self.decoder, cfg.data.train,
-                                                   views["decoder"], rank=self.rank, world_size=self.world)
+        if cached:
+            self.cache = LatentCache.open_or_build(cfg.latent_cache, self.decoder, cfg.data.train, views["decoder"],
+                                                   rank=self.rank, world_size=self.world, source=self.loader.source)
 
         groups = self.model.trainable_parameter_groups()
         lrs = {"vit": tc.optim.lr_vit, "pooler": tc.optim.lr_pooler}
@@ -140,7 +143,7 @@ class Pretrainer(TrainTask):
     def _x0(self, batch: Any) -> torch.Tensor:
         """The decoder-space target: a sample from the cached VAE posterior, or encoded now."""
         if self.cache is not None:
-            return self.cache.sample(batch.keys, self.decoder, self.generator)
+            return self.cache.sample(batch.keys, batch.locations, self.decoder, self.generator)
         with torch.no_grad():
             return self.decoder.to_model_space(batch.images["decoder"].to(self.strategy.device), self.generator)
 
