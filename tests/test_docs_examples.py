@@ -479,3 +479,22 @@ def test_documented_commands_run(doc, sandbox, parser, capsys):
             pytest.fail(f"{doc}: `{ex.text}` is not classified: add it to RUN (cheap: it runs here) or ALLOWED "
                         "(with the reason it cannot)")
     assert _assets_state() == before, "a documented command changed the shipped assets"
+
+
+def test_readme_training_at_scale_data_block_is_a_valid_data_section(tmp_path):
+    """The YAML data block of README's "Training at scale" loads into a stage-1 config with its values kept."""
+    import yaml
+
+    from vilex.train.config import PretrainConfig
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Training at scale", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    data = yaml.safe_load(block)["data"]
+    config = tmp_path / "scale.yaml"
+    config.write_text((REPO / "configs/vilex/sd15_siglip_so400m.yaml").read_text())
+    overrides = [f"data.train.{k}={v}" for k, v in data["train"].items() if k != "remote"]
+    overrides += [f"data.train.remote.{k}={v}" for k, v in data["train"]["remote"].items()]
+    cfg = load_config(PretrainConfig, str(config), [o.replace("'", '"') for o in overrides])
+    assert cfg.data.train.type == "webdataset" and cfg.data.train.paths[0].startswith("s3://")
+    assert cfg.data.train.num_workers == 6 and cfg.data.train.remote.retries == 3

@@ -56,9 +56,9 @@ def init_process_group_if_needed(backend: str | None = None) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local)
-    # Collectives wait this long before failing: long enough for rank 0 to build a latent cache while the others
-    # wait at a barrier (the libraries' 10-30 min defaults would abort a large first run); build big caches
-    # beforehand with `vilex cache-latents`.
+    # Collectives wait this long before failing: a first run encodes its latent cache (each rank its share) before
+    # step 1, and the libraries' 10-30 min defaults would abort a large one; build big caches beforehand with
+    # `vilex cache-latents` under the same launcher.
     minutes = float(os.environ.get("VILEX_COLLECTIVE_TIMEOUT_MIN", "120"))
     dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(minutes=minutes))
 
