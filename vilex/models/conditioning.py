@@ -36,10 +36,11 @@ from vilex.errors import UserError
 class SpecialTokens:
     """Token ids and context length of a decoder's tokenizer (the only facts the layout needs)."""
 
-    bos: int
+    bos: int | None  # None: the encoder has no BOS (T5)
     eos: int
     pad: int
     context_length: int
+    name: str = "text"  # how errors name this context ("T5" for SD3's third encoder)
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> SpecialTokens:
@@ -93,7 +94,8 @@ def _as_prompts(prompt_ids: Sequence[Sequence[int]] | None, batch_size: int) -> 
 def build_text_layout(special: SpecialTokens, num_keep: int | torch.Tensor | None = None,
                       prompt_ids: Sequence[Sequence[int]] | None = None, batch_size: int | None = None,
                       num_available: int | None = None, device: torch.device | str | None = None) -> TextLayout:
-    """The token layout ``[BOS, v_1..v_m, prompt, EOS, pad...]`` per sample, with its masks and EOS index.
+    """The token layout ``[BOS, v_1..v_m, prompt, EOS, pad...]`` per sample (no BOS when ``special.bos`` is None),
+    with its masks and EOS index.
 
     ``num_available`` is n (how many ViLex tokens exist); asking for more, or more than the context holds
     together with the prompt, is a UserError that says how many fit.
@@ -106,7 +108,9 @@ def build_text_layout(special: SpecialTokens, num_keep: int | torch.Tensor | Non
         else:
             batch_size = 1
     length = special.context_length
-    fit = length - 2
+    head = [] if special.bos is None else [special.bos]
+    fit = length - 1 - len(head)
+    frame = "EOS takes 1" if not head else "BOS and EOS take 2"
     if num_available is None:
         num_available = fit
     keep = _as_num_keep(num_keep, batch_size, num_available)
@@ -115,14 +119,14 @@ def build_text_layout(special: SpecialTokens, num_keep: int | torch.Tensor | Non
     for m, prompt in zip(keep, prompts):
         if m + len(prompt) > fit:
             if m == 0 or len(prompt) > fit:
-                raise UserError(f"the prompt has {len(prompt)} tokens but the {length}-token text context holds "
-                                f"at most {fit} (BOS and EOS take 2)")
-            raise UserError(f"{m} ViLex tokens + {len(prompt)} prompt tokens do not fit the {length}-token text "
-                            f"context: at most {fit} fit together (BOS and EOS take 2), so at most "
+                raise UserError(f"the prompt has {len(prompt)} tokens but the {length}-token {special.name} context "
+                                f"holds at most {fit} ({frame})")
+            raise UserError(f"{m} ViLex tokens + {len(prompt)} prompt tokens do not fit the {length}-token "
+                            f"{special.name} context: at most {fit} fit together ({frame}), so at most "
                             f"{max(fit - len(prompt), 0)} ViLex tokens with this prompt")
-        used = 2 + m + len(prompt)
-        ids.append([special.bos] + [special.pad] * m + prompt + [special.eos] + [special.pad] * (length - used))
-        vmask.append([False] + [True] * m + [False] * (length - 1 - m))
+        used = len(head) + m + len(prompt) + 1
+        ids.append(head + [special.pad] * m + prompt + [special.eos] + [special.pad] * (length - used))
+        vmask.append([False] * len(head) + [True] * m + [False] * (length - len(head) - m))
         amask.append([1] * used + [0] * (length - used))
         eos.append(used - 1)
     return TextLayout(

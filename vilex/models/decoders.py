@@ -213,14 +213,17 @@ class FrozenDecoder(nn.Module):
         """What every resolution must be a multiple of: the model-space factor × the UNet's downsampling."""
         return self.model_space_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
 
+    def _resolution_factors(self) -> str:
+        """What makes up ``resolution_multiple``, in words (for the error)."""
+        return (f"this decoder's {self.model_space_factor}x model-space factor x its UNet's "
+                f"{self.resolution_multiple // self.model_space_factor}x downsampling")
+
     def _check_resolution(self) -> None:
         size, multiple = self.config.resolution, self.resolution_multiple
         if size is not None and size % multiple:
             lower = max(multiple, size // multiple * multiple)
-            raise ConfigError(f"model.decoder.resolution: {size} is not a multiple of {multiple} (this decoder's "
-                              f"{self.model_space_factor}x model-space factor x its UNet's "
-                              f"{multiple // self.model_space_factor}x downsampling); e.g. {lower} or "
-                              f"{lower + multiple}")
+            raise ConfigError(f"model.decoder.resolution: {size} is not a multiple of {multiple} "
+                              f"({self._resolution_factors()}); e.g. {lower} or {lower + multiple}")
 
     @property
     def model_space_shape(self) -> tuple[int, int, int]:

@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vilex.errors import ConfigError, UserError
-from vilex.models.conditioning import SpecialTokens, TextLayout, _as_num_keep, _text_core, clip_hidden_states
+from vilex.models.conditioning import (SpecialTokens, TextLayout, _as_num_keep, _text_core, build_text_layout,
+                                      clip_hidden_states)
 from vilex.models.configs import DecoderConfig
 from vilex.models.decoders import StableDiffusionDecoder, _draw_normal
 from vilex.models.registry import FROZEN_DECODERS, load_pretrained
@@ -225,13 +226,12 @@ class StableDiffusion3Decoder(StableDiffusionDecoder):
     def resolution_multiple(self) -> int:
         return self.model_space_factor * self.patch_size
 
+    def _resolution_factors(self) -> str:
+        return (f"this decoder's {self.model_space_factor}x VAE x its transformer's {self.patch_size}x{self.patch_size} "
+                f"patches")
+
     def _check_resolution(self) -> None:
-        size, multiple = self.config.resolution, self.resolution_multiple
-        if size is not None and size % multiple:
-            lower = max(multiple, size // multiple * multiple)
-            raise ConfigError(f"model.decoder.resolution: {size} is not a multiple of {multiple} (this decoder's "
-                              f"{self.model_space_factor}x VAE x its transformer's {self.patch_size}x{self.patch_size} "
-                              f"patches); e.g. {lower} or {lower + multiple}")
+        super()._check_resolution()
         largest = int(self.unet.config.pos_embed_max_size) * self.patch_size * self.model_space_factor
         if self.image_size > largest:
             raise ConfigError(f"model.decoder.resolution: {self.image_size} is larger than this transformer's position "
@@ -265,27 +265,10 @@ class StableDiffusion3Decoder(StableDiffusionDecoder):
 
     def _t5_layout(self, keep: list[int], prompts: list[list[int]], device: torch.device) -> TextLayout:
         """``[v_1..v_m, prompt, </s>, <pad>...]`` of length L5 per sample (T5 has no BOS)."""
-        length = self.t5_length
-        fit = length - 1
-        ids, vmask, amask, eos = [], [], [], []
-        for m, prompt in zip(keep, prompts):
-            if m + len(prompt) > fit:
-                if m == 0 or len(prompt) > fit:
-                    raise UserError(f"the prompt has {len(prompt)} T5 tokens but the {length}-token T5 context "
-                                    f"holds at most {fit} (</s> takes 1; model.decoder.t5_max_length)")
-                raise UserError(f"{m} ViLex tokens + {len(prompt)} T5 prompt tokens do not fit the {length}-token T5 "
-                                f"context: at most {max(fit - len(prompt), 0)} ViLex tokens with this prompt")
-            used = m + len(prompt) + 1
-            ids.append([self.t5_pad] * m + prompt + [self.t5_eos] + [self.t5_pad] * (length - used))
-            vmask.append([True] * m + [False] * (length - m))
-            amask.append([1] * used + [0] * (length - used))
-            eos.append(used - 1)
-        return TextLayout(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-            vilex_mask=torch.tensor(vmask, dtype=torch.bool, device=device),
-            attention_mask=torch.tensor(amask, dtype=torch.long, device=device),
-            eos_index=torch.tensor(eos, dtype=torch.long, device=device),
-            num_vilex=torch.tensor(keep, dtype=torch.long, device=device))
+        t5 = SpecialTokens(bos=None, eos=self.t5_eos, pad=self.t5_pad, context_length=self.t5_length,
+                           name="T5 (model.decoder.t5_max_length)")
+        return build_text_layout(t5, torch.tensor(keep), prompts, batch_size=len(keep), num_available=self.t5_length,
+                                 device=device)
 
     def _t5_states(self, part: torch.Tensor | None, keep: list[int], prompts: list[list[int]]
                    ) -> tuple[torch.Tensor, TextLayout]:
