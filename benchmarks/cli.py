@@ -6,7 +6,8 @@
     vilex eval prepare --suite SWEEP.yaml --cache DIR [--force]    save every task's data (needs network)
     vilex eval prepare --check DIR                                 verify a cache made elsewhere; relink it if moved
     vilex eval mirror --suite SWEEP.yaml --out DIR [--rows N]      schema-faithful local stand-ins of every task
-    vilex eval report RUN_DIR [--baseline LABEL]                  results.csv, results.md, results.png
+    vilex eval report RUN_DIR [--baseline LABEL] [--compare A B]  results.csv, results.md (CIs, paired
+                                                                  differences, seeds), results.png
     vilex eval toy-tasks --split DIR/test --out TASKS_DIR          materialise the toy suite for --include_path
 
 One top-level command with optional actions (not a command group) so the sweep itself stays ``vilex eval --config``
@@ -72,6 +73,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     rep.add_argument("run_dir", type=Path)
     rep.add_argument("--baseline", default=None, help="model label for the delta columns (default: the sweep's)")
     rep.add_argument("--out", type=Path, default=None, help="where to write (default: RUN_DIR)")
+    rep.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
+                     help="paired per-doc difference B − A with a bootstrap CI, per task (repeatable; the baseline "
+                          "against each other model is always added)")
     toy = actions.add_parser("toy-tasks", help="write the toy-world lmms-eval tasks for --include_path")
     toy.add_argument("--split", type=Path, required=True, help="a toy split folder, e.g. DIR/test")
     toy.add_argument("--out", type=Path, required=True)
@@ -98,7 +102,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.eval_action == "report":
         from benchmarks.report import write_report
 
-        paths = write_report(args.run_dir, baseline=args.baseline, out_dir=args.out)
+        paths = write_report(args.run_dir, baseline=args.baseline, out_dir=args.out,
+                             compare=[tuple(p) for p in args.compare])
         print(json.dumps({k: str(v) for k, v in paths.items()}))
         return 0
     if args.eval_action == "toy-tasks":

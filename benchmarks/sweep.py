@@ -88,7 +88,8 @@ class SweepConfig:
                                                        "task copies, offline (replaces include_path)")
     model: str = cfg_field("vilex_vlm", help="lmms-eval model name")
     model_args: str = cfg_field("", help="extra model_args appended after pretrained=PATH")
-    batch_size: int = cfg_field(1, ge=1, help="1 for final numbers (scores change with batch size)")
+    batch_size: int = cfg_field(1, ge=1, help="requests per generate call: vilex_vlm gives the same answers at any "
+                                                  "size (benchmarks/README.md, Batch size); llava_hf: 1")
     process_per: Literal["pair", "model"] = cfg_field(
         "pair", help="one worker process per (model, task) pair, or one per model running its missing tasks in turn")
     limit: int | None = cfg_field(None, ge=1, help="docs per task (smoke runs only)")

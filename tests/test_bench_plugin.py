@@ -45,7 +45,7 @@ def test_toy_task_runs_for_real_through_simple_evaluate(toy):
     assert model.generate_calls == n_docs == len(samples) == 3
     per_doc = [s["exact_match"] for s in samples]
     assert out["results"]["vilex_toy_colour"]["exact_match,none"] == pytest.approx(sum(per_doc) / len(per_doc))
-    # the logged answer is exactly what the model generates for that prompt (greedy, batch size 1)
+    # the logged answer is exactly what the model generates for that prompt alone (greedy)
     docs = [json.loads(x) for x in Path(manifest["tasks"]["vilex_toy_colour"]["yaml"]).with_suffix(".jsonl")
             .read_text().splitlines()]
     from benchmarks.toy_task_fns import doc_to_visual
@@ -57,10 +57,12 @@ def test_toy_task_runs_for_real_through_simple_evaluate(toy):
     assert first["resps"][0][0] == again
 
 
-def test_refuses_batching_and_loglikelihood(toy):
+def test_refuses_automatic_batch_size_and_loglikelihood(toy):
     from benchmarks.lmms_plugin import VilexVLM
 
-    with pytest.raises(UserError, match=r"vilex_vlm: batch_size must be 1 \(got 2\)"):
-        VilexVLM(pretrained=str(toy[2]), batch_size=2)
+    # a fixed batch size only (answers do not depend on it: tests/test_batch_invariance.py)
+    with pytest.raises(UserError, match=r"vilex_vlm: batch_size must be a whole number >= 1 \(got 'auto:4'\)"):
+        VilexVLM(pretrained=str(toy[2]), batch_size="auto:4")
+    assert VilexVLM(pretrained=str(toy[2]), batch_size=2).batch_size == 2
     with pytest.raises(NotImplementedError, match="only generate_until"):
         VilexVLM(pretrained=str(toy[2])).loglikelihood([])

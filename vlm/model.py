@@ -334,13 +334,20 @@ class VLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:
-        """Greedy (unless kwargs say otherwise) continuation; returns only the NEW tokens (B, <= max_new_tokens)."""
+        """Greedy (unless kwargs say otherwise) continuation; returns only the NEW tokens (B, <= max_new_tokens).
+
+        A batch is LEFT-padded (``attention_mask`` 0 on the padding): every row's new tokens then follow its own
+        prompt. Position ids count from 0 at each row's first real token, so a padded row gets the positions it
+        has alone (transformers derives the same from the mask today; passing them keeps that independent of it).
+        """
         embeds, _ = self.embed(input_ids, pixel_values)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         kwargs.setdefault("do_sample", False)
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                 pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **kwargs)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                 max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                 use_cache=True, **kwargs)
 
     # ---- saving
     def reference_config(self) -> dict[str, Any]:
