@@ -24,7 +24,7 @@ def _config_classes():
              "eval prepare": (SweepConfig, "configs/benchmarks/toy.yaml"),
              "toy gate-decoder": (DecoderPretrainConfig, "configs/toy/decoder.yaml")}
     stage0_files = {"train-probe": "probe", "pretrain-decoder": "decoder", "pretrain-siglip": "siglip",
-                    "pretrain-text-encoder": "text_encoder", "pretrain-llm": "llm"}
+                    "pretrain-text-encoder": "text_encoder", "pretrain-llm": "llm", "pretrain-vae": "sd_vae"}
     for spec in STAGE0_COMMANDS:
         found[f"toy {spec.name}"] = (_import(spec.config), f"configs/toy/{stage0_files[spec.name]}.yaml")
     return found

@@ -83,6 +83,7 @@ RUN: dict[str, dict[str, str]] = {
         {"--out assets/toy/tokenizer": "--out runs/toy/tokenizer"},
     # the toy ViLex data, 20 scenes instead of 20000 (the `vilex pretrain --dry-run` after it lists them)
     "vilex toy generate --out runs/toy/vilex_data --n 20000 --seed 1 --size 32": {"--n 20000": "--n 20"},
+    "vilex toy generate --out runs/toy/vilex_data_64 --n 20000 --seed 1 --size 64": {"--n 20000": "--n 20"},
 }
 
 # ALLOWED: cannot run here; checked statically only (flags, config keys, paths). Each with the reason.
@@ -112,6 +113,12 @@ ALLOWED: dict[str, str] = {
     "--set text_encoder.pretrained=runs/toy/text_encoder_attr_a --set train.swap_margin=0.6 "
     "--set train.swap_margin_weight=4 --set train.attribute_weight=2": _STAGE0 + " (5 min)",
     "vilex toy pretrain-decoder --config configs/toy/decoder.yaml --out assets/toy/decoder": _STAGE0 + " (36 min)",
+    "vilex toy train-probe --config configs/toy/probe_64.yaml --out assets/toy/probe_64": _STAGE0 + " (16 min)",
+    "vilex toy pretrain-vae --config configs/toy/sd_vae.yaml --out assets/toy/sd_vae": _STAGE0 + " (~45 min; "
+                                                                                    "tests/test_toy_sd.py)",
+    "vilex toy pretrain-decoder --config configs/toy/sd.yaml --out runs/toy/sd_asset": _STAGE0 + " (~60 min; "
+                                                                                  "tests/test_toy_sd.py)",
+    "vilex toy pretrain-siglip --config configs/toy/siglip_web.yaml --out runs/toy/siglip_web_asset": _STAGE0 + " (~40 min)",
     "vilex toy pretrain-decoder --config configs/toy/decoder.yaml --out assets/toy/decoder --resume auto":
         _STAGE0 + " (the resume of a killed decoder run)",
     "vilex toy ship-vilex --run runs/toy/vilex --out assets/toy/vilex --n 128":
@@ -397,7 +404,7 @@ def test_set_overrides_in_the_prose_are_keys_of_every_stage0_config():
     examples = [s for s in spans if re.fullmatch(r"(--set \S+=\S+)( --set \S+=\S+)*", s) and "key=value" not in s]
     assert examples
     files = {"train-probe": "probe", "pretrain-decoder": "decoder", "pretrain-siglip": "siglip",
-             "pretrain-text-encoder": "text_encoder", "pretrain-llm": "llm"}
+             "pretrain-text-encoder": "text_encoder", "pretrain-llm": "llm", "pretrain-vae": "sd_vae"}
     for spec in STAGE0_COMMANDS:
         for span in examples:
             load_config(_import(spec.config), REPO / f"configs/toy/{files[spec.name]}.yaml", shlex.split(span)[1::2])
