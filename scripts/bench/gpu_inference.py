@@ -28,7 +28,6 @@ slower").
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -45,10 +44,12 @@ from gpu_stage1 import (
     Budget,
     Stage1Bench,
     environment,
+    fill_defaults,
     first_line,
     fmt,
     peak_memory_gib,
     reset_memory,
+    run_and_report,
     setup_device,
     sync,
     write_json,
@@ -205,18 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-measure-s", type=float, default=None, help="start nothing with less time left (default 5)")
     p.add_argument("--out", type=Path, default=Path("runs/bench/gpu/inference.json"))
     args = p.parse_args(argv)
-    defaults = {"batches": [1, 2], "steps": 10, "rounds": 1, "min_measure_s": 1.0} if args.tiny else \
-        {"batches": [1, 8], "steps": 50, "rounds": 2, "min_measure_s": 5.0}
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    bench = InferenceBench(args)
-    try:
-        bench.run()
-    finally:
-        bench.save()
-        bench.print_table()
+    fill_defaults(args, {"batches": [1, 2], "steps": 10, "rounds": 1, "min_measure_s": 1.0},
+                  {"batches": [1, 8], "steps": 50, "rounds": 2, "min_measure_s": 5.0})
+    run_and_report(InferenceBench(args))
 
 
 if __name__ == "__main__":

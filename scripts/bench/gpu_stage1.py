@@ -235,6 +235,23 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def fill_defaults(args: Any, tiny: dict[str, Any], full: dict[str, Any]) -> None:
+    """Options left unset (None) take the --tiny or the full-scale default."""
+    for key, value in (tiny if args.tiny else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def run_and_report(bench: Any) -> None:
+    """Run; whatever was measured before a failure or a timeout is still saved and printed."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        bench.run()
+    finally:
+        bench.save()
+        bench.print_table()
+
+
 def fmt(value: Any, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else "-"
 

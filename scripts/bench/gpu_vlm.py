@@ -56,7 +56,6 @@ Output: JSON (--out) and a table whose last lines are the ratios; the very last:
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -71,11 +70,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_stage1 import (
     Budget,
     environment,
+    fill_defaults,
     first_line,
     fmt,
     matmul_peak,
     peak_memory_gib,
     reset_memory,
+    run_and_report,
     setup_device,
     sync,
     top_kernels,
@@ -444,21 +445,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-measure-s", type=float, default=None, help="start no row with less time left (default 5)")
     p.add_argument("--out", type=Path, default=Path("runs/bench/gpu/vlm.json"))
     args = p.parse_args(argv)
-    defaults = {"micro_batch": 4, "micro_batches": 1, "min_measure_s": 1.0} if args.tiny else \
-        {"micro_batch": 16, "micro_batches": 3, "min_measure_s": 5.0}
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, {"micro_batch": 4, "micro_batches": 1, "min_measure_s": 1.0},
+                  {"micro_batch": 16, "micro_batches": 3, "min_measure_s": 5.0})
     if args.tiny:
         args.llm = "tiny"
     args.checkpointing = {"on": [True], "off": [False], "both": [True, False]}[args.checkpointing]
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    bench = VLMBench(args)
-    try:
-        bench.run()
-    finally:
-        bench.save()
-        bench.print_table()
+    run_and_report(VLMBench(args))
 
 
 if __name__ == "__main__":
