@@ -102,3 +102,25 @@ def held_out_loss(cfg, encoder_state=None):
         x0 = model.decoder.to_model_space(pixels * 2 - 1, gen)
         tokens = model.encoder((pixels - mean) / std)
         return float(model.loss_from_tokens(tokens, x0, generator=gen)["loss"])
+
+
+def assert_learns_and_resumes_bit_identically(make_config, tmp_path: Path) -> None:
+    """8 steps of ``make_config(out, *overrides)`` lower the held-out loss; the same run stopped after its step-4
+    checkpoint and resumed from it logs the very same losses."""
+    import shutil
+
+    import torch
+
+    from vilex.train.loop import pretrain
+
+    full = tmp_path / "full"
+    cfg = make_config(full, "train.max_steps=8")
+    pretrain(cfg)
+    losses = summary(full)["losses"]
+    trained = torch.load(full / "checkpoints" / "checkpoint-8" / "encoder.pt", weights_only=True)
+    assert len(losses) == 8 and held_out_loss(cfg, trained) < held_out_loss(cfg)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("checkpoint-8", "summary.json", "*.lock"))
+    pretrain(make_config(resumed, "train.max_steps=8"), resume=str(resumed / "checkpoints" / "checkpoint-4"))
+    assert summary(resumed)["losses"] == losses

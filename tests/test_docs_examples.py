@@ -118,7 +118,7 @@ ALLOWED: dict[str, str] = {
                                                                                     "tests/test_toy_sd.py)",
     "vilex toy pretrain-decoder --config configs/toy/sd.yaml --out runs/toy/sd_asset": _STAGE0 + " (~60 min; "
                                                                                   "tests/test_toy_sd.py)",
-    "vilex toy pretrain-siglip --config configs/toy/siglip_web.yaml --out runs/toy/siglip_web_asset": _STAGE0 + " (~40 min)",
+    "vilex toy pretrain-siglip --config configs/toy/siglip_web.yaml --out assets/toy/siglip_web": _STAGE0 + " (~40 min)",
     "vilex toy pretrain-decoder --config configs/toy/decoder.yaml --out assets/toy/decoder --resume auto":
         _STAGE0 + " (the resume of a killed decoder run)",
     "vilex toy ship-vilex --run runs/toy/vilex --out assets/toy/vilex --n 128":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pretrain_helpers import env, held_out_loss, overrides, summary
+from pretrain_helpers import assert_learns_and_resumes_bit_identically, env, overrides
 
 from vilex.config import load_config
 from vilex.errors import ConfigError, UserError
@@ -241,19 +241,7 @@ def _config(world, out, *extra):
 
 
 def test_tiny_pretraining_learns_and_resumes_bit_identically(world, tmp_path):
-    from vilex.train.loop import pretrain
-
-    full = tmp_path / "full"
-    cfg = _config(world, full, "train.max_steps=8")
-    pretrain(cfg)
-    losses = summary(full)["losses"]
-    trained = torch.load(full / "checkpoints" / "checkpoint-8" / "encoder.pt", weights_only=True)
-    assert len(losses) == 8 and held_out_loss(cfg, trained) < held_out_loss(cfg)
-
-    resumed = tmp_path / "resumed"  # the same run, stopped after its step-4 checkpoint and resumed from it
-    shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("checkpoint-8", "summary.json", "*.lock"))
-    pretrain(_config(world, resumed, "train.max_steps=8"), resume=str(resumed / "checkpoints" / "checkpoint-4"))
-    assert summary(resumed)["losses"] == losses
+    assert_learns_and_resumes_bit_identically(lambda out, *extra: _config(world, out, *extra), tmp_path)
 
 
 @pytest.mark.slow
