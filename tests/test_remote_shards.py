@@ -9,6 +9,7 @@ import itertools
 import re
 import tarfile
 import threading
+import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -63,12 +64,22 @@ class ShardServer:
     files: dict[str, bytes] = field(default_factory=dict)
     drops: dict[str, Drop] = field(default_factory=dict)
     no_ranges: set[str] = field(default_factory=set)  # answered without Content-Length / ranges (a stream)
-    requests: list[Request] = field(default_factory=list)
+    log: list[Request] = field(default_factory=list)
+    in_flight: int = 0  # requests received whose handler has not returned yet
     versions: dict[str, int] = field(default_factory=dict)  # bumps the ETag when a file is replaced
     port: int = 0
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
+
+    @property
+    def requests(self) -> list[Request]:
+        """The requests answered so far, once every handler has returned: a client holds the answer before the
+        server's thread writes its log line, so reading the log at once would race with it."""
+        deadline = time.monotonic() + 10
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return self.log
 
     def put(self, path: str, data: bytes) -> None:
         self.files[path] = data
@@ -91,14 +102,23 @@ def _handler(state: ShardServer) -> type[BaseHTTPRequestHandler]:
             pass
 
         def do_HEAD(self) -> None:
-            self._answer(body=False)
+            self._counted(body=False)
 
         def do_GET(self) -> None:
-            self._answer(body=True)
+            self._counted(body=True)
+
+        def _counted(self, body: bool) -> None:
+            with lock:
+                state.in_flight += 1
+            try:
+                self._answer(body)
+            finally:
+                with lock:
+                    state.in_flight -= 1
 
         def _record(self, start: int | None, sent: int, dropped: bool = False) -> None:
             with lock:
-                state.requests.append(Request(self.command, self.path, start, sent, dropped))
+                state.log.append(Request(self.command, self.path, start, sent, dropped))
 
         def _answer(self, body: bool) -> None:
             path = self.path
