@@ -76,6 +76,43 @@ def test_pretrain_llm_writes_a_loadable_chat_model(tiny_llm):
     curve = [c["loss"] for c in metrics["loss_curve"]]
     assert metrics["steps_done"] == 6 and curve[-1] < curve[0]
     assert sum(v["n"] for v in metrics["text_qa_heldout"].values()) == 6
+    # the ceiling asks the same questions with both captions as the context
+    assert {t: v["n"] for t, v in metrics["text_qa_ceiling"].items()} == \
+        {t: v["n"] for t, v in metrics["text_qa_heldout"].items()}
+
+
+def test_qa_contexts_state_what_the_questions_ask():
+    """'both' holds the fine and the coarse caption; the coarse caption names every position answer's 3x3 cell."""
+    from toy.pretrain_llm import QA_CONTEXTS, qa_context
+    from toy.recipe import heldout_scenes
+    from toy.scenes import world
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    positions = 0
+    for scene in heldout_scenes(5, 40):
+        coarse, fine, both = (qa_context(scene, c) for c in QA_CONTEXTS)
+        assert coarse == world.caption_coarse(scene) and fine == world.caption_fine(scene)
+        assert fine in both and coarse in both
+        for qa in world.questions(scene, rng):
+            if qa.type == "position":
+                assert f"at the {qa.answer}" in coarse
+                positions += 1
+    assert positions > 10
+    with pytest.raises(ValueError, match="QA context must be one of"):
+        qa_context(scene, "web")
+
+
+def test_llm_qa_cli_reports_each_context(tiny_llm, capsys):
+    out, _ = tiny_llm
+    assert vilex_main(["toy", "llm-qa", "--llm", str(out), "--questions", "4", "--context", "fine", "both"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"fine", "both"}
+    for per_type in report.values():
+        assert sum(v["n"] for v in per_type.values()) == 4
+        assert all(0 <= v["accuracy"] <= 1 for v in per_type.values())
+    assert vilex_main(["toy", "llm-qa", "--llm", str(out.parent / "missing")]) == 2
+    assert "no toy LLM at" in capsys.readouterr().err
 
 
 def test_chance_levels():

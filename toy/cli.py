@@ -16,6 +16,7 @@ import importlib
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from toy.scenes.errors import ToyWorldError
@@ -48,8 +49,6 @@ def _configure(p: argparse.ArgumentParser) -> None:
 @command("generate", help="write a procedural toy-world dataset (images, masks, captions, QA, scene graphs)",
          group="toy")(_configure)
 def _run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from toy.scenes.contact_sheet import contact_sheet_from_split
     from toy.scenes.generate import generate_dataset
 
@@ -195,6 +194,35 @@ def _gate_decoder(args: argparse.Namespace) -> int:
 
     cfg = load_config(DecoderPretrainConfig, args.config, args.overrides)
     _print_summary(gate_decoder_folder(args.decoder, cfg.gate, cfg.seed))
+    return 0
+
+
+# ----------------------------------------------------------------------------- llm-qa
+def _llm_qa_args(p: argparse.ArgumentParser) -> None:
+    from toy.pretrain_llm import QA_CONTEXTS
+
+    p.add_argument("--llm", default="assets/toy/llm", help="toy LLM folder (vilex toy pretrain-llm)")
+    p.add_argument("--questions", type=int, default=600, help="held-out questions per context (default 600)")
+    p.add_argument("--context", nargs="+", choices=QA_CONTEXTS, default=list(QA_CONTEXTS),
+                   help="what stands in for the image: the coarse caption, the fine one, or both (default: each)")
+    p.add_argument("--seed", type=int, default=0, help="the held-out scenes' seed (the LLM recipe's seed)")
+
+
+@command("llm-qa", help="the toy LLM's text-only QA accuracy per question type, a caption in place of the image "
+         "(the ceiling a VLM on this LLM can reach)", group="toy")(_llm_qa_args)
+def _llm_qa(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from toy.pretrain_llm import text_qa_accuracy
+    from vilex.errors import UserError
+
+    if not (Path(args.llm) / "config.json").is_file():
+        raise UserError(f"--llm: no toy LLM at {args.llm} (config.json missing; train one with "
+                        f"`vilex toy pretrain-llm`)")
+    tokenizer = AutoTokenizer.from_pretrained(args.llm)
+    model = AutoModelForCausalLM.from_pretrained(args.llm)
+    _print_summary({ctx: text_qa_accuracy(model, tokenizer, args.seed, args.questions, context=ctx)
+                    for ctx in args.context})
     return 0
 
 

@@ -22,8 +22,9 @@ on the toy world's text. Two parts, one folder (``out/``, a plain HF folder load
   LLM v1"); the captions it must read are still learned from the plain caption documents.
 
 ``recipe.json`` records the held-out (``Stream.HELDOUT`` scenes) per-token loss and perplexity of the same document
-mix, and greedy exact-match accuracy per question type when the coarse caption stands in for the image (the text-only
-ceiling the VLM's image tokens have to reach), with the chance level of each type.
+mix, and greedy exact-match accuracy per question type when a caption stands in for the image, with the chance level
+of each type: ``text_qa_heldout`` with the coarse caption, ``text_qa_ceiling`` with the fine and coarse captions
+together (the text-only ceiling the VLM's image tokens have to reach; ``vilex toy llm-qa`` measures any context).
 
 ``generation_config.eos_token_id`` is ``[<|im_end|>, <|endoftext|>]`` (as Qwen2.5-Instruct's), so generation stops
 at the end of an assistant turn.
@@ -88,6 +89,8 @@ class LLMDataSpec:
     chat_loss: Literal["assistant", "all"] = cfg_field(
         "assistant", help="ChatML documents learn their assistant turns only (as the instruct template) or all")
     fine_context_prob: float = cfg_field(0.5, ge=0, le=1, help="QA context: fine caption (else coarse)")
+    both_context_prob: float = cfg_field(0.0, ge=0, le=1, help="QA context: fine and coarse caption together "
+                                         "(drawn first; else fine_context_prob decides)")
     caption_chat_prob: float = cfg_field(0.3, ge=0, le=1, help="a ChatML caption-request document per scene")
 
 
@@ -129,7 +132,8 @@ def scene_documents(scene: world.Scene, rng: np.random.Generator, spec: LLMDataS
     docs: list[Document] = [c + "<|endoftext|>" for c in captions]
     qas = [(q.question, q.answer) for q in world.questions(scene, rng)]
     order = rng.permutation(len(qas))
-    context = fine if rng.random() < spec.fine_context_prob else coarse
+    context = join_captions(fine, coarse) if rng.random() < spec.both_context_prob else \
+        fine if rng.random() < spec.fine_context_prob else coarse
     docs.append(chat_qa_messages(context, [qas[i] for i in order]))
     if rng.random() < spec.caption_chat_prob:
         docs.append([{"role": "user", "content": f"{fine}\n{CAPTION_PROMPT}"},
@@ -240,9 +244,27 @@ def heldout_loss(model: Any, tokenizer: Any, cfg: LLMPretrainConfig, collate: An
     return {"loss": round(mean, 4), "perplexity": round(math.exp(mean), 3), "tokens": count, "documents": len(docs)}
 
 
+# What stands in for the image in a text-only QA context. Neither caption alone states everything a question can
+# ask: the coarse one names the 3x3 cell the position questions ask for, the fine one a 5x5 cell that fixes the 3x3
+# answer for only ~81% of the position questions (a 5x5 column straddles a 3x3 border); "both" is the full text.
+QA_CONTEXTS: tuple[str, ...] = ("coarse", "fine", "both")
+
+
+def join_captions(fine: str, coarse: str) -> str:
+    return f"{fine}; {coarse}"
+
+
+def qa_context(scene: world.Scene, which: str) -> str:
+    if which not in QA_CONTEXTS:
+        raise ValueError(f"QA context must be one of {QA_CONTEXTS}, got {which!r}")
+    coarse, fine = world.caption_coarse(scene), world.caption_fine(scene)
+    return {"coarse": coarse, "fine": fine, "both": join_captions(fine, coarse)}[which]
+
+
 @torch.no_grad()
-def text_qa_accuracy(model: Any, tokenizer: Any, seed: int, n_questions: int) -> dict[str, Any]:
-    """Greedy exact match per question type with the coarse caption in place of the image (held-out scenes)."""
+def text_qa_accuracy(model: Any, tokenizer: Any, seed: int, n_questions: int, context: str = "coarse") -> dict[str, Any]:
+    """Greedy exact match per question type with a caption (``context``: ``QA_CONTEXTS``) in place of the image, on
+    held-out scenes; the same questions whatever the context."""
     from benchmarks.toy_task_fns import normalize_answer
 
     model.eval()
@@ -254,7 +276,7 @@ def text_qa_accuracy(model: Any, tokenizer: Any, seed: int, n_questions: int) ->
         for qa in world.questions(scene, rng):
             if asked >= n_questions:
                 break
-            text = tokenizer.apply_chat_template(chat_qa_messages(world.caption_coarse(scene),
+            text = tokenizer.apply_chat_template(chat_qa_messages(qa_context(scene, context),
                                                                   [(qa.question, "")])[:1],
                                                  tokenize=False, add_generation_prompt=True)
             ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
@@ -320,6 +342,9 @@ def pretrain_llm(cfg: LLMPretrainConfig, out: str | Path, resume: str | None = N
         metrics = {
             "heldout": heldout_loss(model, tokenizer, cfg, trainer.collate),
             "text_qa_heldout": text_qa_accuracy(model, tokenizer, cfg.seed, cfg.eval_questions)
+            if cfg.eval_questions else {},
+            # the ceiling a VLM's image tokens can reach through this LLM: every caption as text
+            "text_qa_ceiling": text_qa_accuracy(model, tokenizer, cfg.seed, cfg.eval_questions, context="both")
             if cfg.eval_questions else {},
             **trainer.run_metrics(summary), "train_tokens": trainer.state.tokens_seen,
             "parameters": n_params, "vocab_size": len(tokenizer),
