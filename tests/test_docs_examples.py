@@ -132,6 +132,10 @@ ALLOWED: dict[str, str] = {
                                              "tests/test_dry_run.py and the decoder tests build them the same way",
     "bash scripts/bench/gpu_all.sh": "needs a GPU (bf16 peak, real shapes); its --cpu mode runs in "
                                      "tests/test_gpu_bench_scripts.py",
+    "bash scripts/bench/gpu_all.sh --prepare": "packs the installed diffusers / transformers into runs/ (a 16 MB "
+                                               "tarball; seconds, but it writes outside the sandbox's venv)",
+    "bash scripts/toy/gpu_sd.sh --cpu": "minutes of two mini-SD trainings and gates; tests/test_toy_gpu_scripts.py "
+                                        "runs it (slow)",
     "python scripts/bench/sweep_overhead.py": "a benchmark (lmms-eval workers over rounds: minutes)",
     "python scripts/bench/vlm_packing.py --threads 1": "a benchmark (minutes of timed forward/backward passes)",
 }
