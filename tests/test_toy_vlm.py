@@ -103,6 +103,33 @@ def test_qa_contexts_state_what_the_questions_ask():
         qa_context(scene, "web")
 
 
+def test_scene_documents_mix_follows_the_data_spec():
+    """qa_docs QA chats per scene, each over the same questions; their contexts follow the context probabilities."""
+    import numpy as np
+
+    from toy.pretrain_llm import LLMDataSpec, join_captions, scene_documents
+    from toy.recipe import heldout_scenes
+    from toy.scenes import world
+
+    scene = heldout_scenes(7, 1)[0]
+    fine, coarse = world.caption_fine(scene), world.caption_coarse(scene)
+
+    def chats(spec):
+        docs = scene_documents(scene, np.random.default_rng(0), spec)
+        return [d for d in docs if isinstance(d, list) and d[0]["content"].split("\n")[0] in
+                (fine, coarse, join_captions(fine, coarse))]
+
+    one = chats(LLMDataSpec(caption_chat_prob=0.0))
+    three = chats(LLMDataSpec(caption_chat_prob=0.0, qa_docs=3, both_context_prob=1.0))
+    assert len(one) == 1 and len(three) == 3
+    assert all(c[0]["content"].startswith(join_captions(fine, coarse) + "\n") for c in three)
+    # each user turn ends with the question, then the suite's answer instruction
+    questions = [sorted(m["content"].split("\n")[-2] for m in c if m["role"] == "user") for c in three]
+    assert questions[0] == questions[1] == questions[2] and len(set(questions[0])) >= 3
+    assert all(q.endswith("?") for q in questions[0])
+    assert chats(LLMDataSpec(caption_chat_prob=0.0, fine_context_prob=1.0))[0][0]["content"].startswith(fine + "\n")
+
+
 def test_llm_qa_cli_reports_each_context(tiny_llm, capsys):
     out, _ = tiny_llm
     assert vilex_main(["toy", "llm-qa", "--llm", str(out), "--questions", "4", "--context", "fine", "both"]) == 0

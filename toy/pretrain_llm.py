@@ -12,7 +12,8 @@ on the toy world's text. Two parts, one folder (``out/``, a plain HF folder load
     - captions (``caption_docs`` per scene: coarse or fine, or both) as plain text ending in ``<|endoftext|>``;
     - ChatML QA (the ``instruct`` template's format, rendered by the tokenizer's chat template): the first user turn
       holds a caption where the VLM will have ``<image>``, then every question of the scene, each with the suite's
-      QA instruction (``toy.vlm_data.chat_qa_messages``), in a random order;
+      QA instruction (``toy.vlm_data.chat_qa_messages``), in a random order (``qa_docs`` such documents per scene;
+      the caption is the coarse one, the fine one, or both: ``both_context_prob``, ``fine_context_prob``);
     - ChatML caption requests (``CAPTION_PROMPT`` after a fine caption -> the coarse caption), with ``caption_chat_prob``.
   Documents are packed into rows of ``train.pack_length`` with position ids restarting per document (no attention
   across documents; ``vlm.packing.Collator``). Plain text learns every token; chat documents go through the VLM's
@@ -88,6 +89,8 @@ class LLMDataSpec:
     caption_docs: int = cfg_field(1, ge=0, le=2, help="plain captions per scene: 0, 1 (coarse or fine) or 2 (both)")
     chat_loss: Literal["assistant", "all"] = cfg_field(
         "assistant", help="ChatML documents learn their assistant turns only (as the instruct template) or all")
+    qa_docs: int = cfg_field(1, ge=1, le=4, help="ChatML QA documents per scene, each with its own context and "
+                             "question order (the answers are the signal that teaches reading a caption)")
     fine_context_prob: float = cfg_field(0.5, ge=0, le=1, help="QA context: fine caption (else coarse)")
     both_context_prob: float = cfg_field(0.0, ge=0, le=1, help="QA context: fine and coarse caption together "
                                          "(drawn first; else fine_context_prob decides)")
@@ -131,10 +134,11 @@ def scene_documents(scene: world.Scene, rng: np.random.Generator, spec: LLMDataS
         [coarse if rng.random() < 0.5 else fine] if spec.caption_docs == 1 else []
     docs: list[Document] = [c + "<|endoftext|>" for c in captions]
     qas = [(q.question, q.answer) for q in world.questions(scene, rng)]
-    order = rng.permutation(len(qas))
-    context = join_captions(fine, coarse) if rng.random() < spec.both_context_prob else \
-        fine if rng.random() < spec.fine_context_prob else coarse
-    docs.append(chat_qa_messages(context, [qas[i] for i in order]))
+    for _ in range(spec.qa_docs):
+        order = rng.permutation(len(qas))
+        context = join_captions(fine, coarse) if rng.random() < spec.both_context_prob else \
+            fine if rng.random() < spec.fine_context_prob else coarse
+        docs.append(chat_qa_messages(context, [qas[i] for i in order]))
     if rng.random() < spec.caption_chat_prob:
         docs.append([{"role": "user", "content": f"{fine}\n{CAPTION_PROMPT}"},
                      {"role": "assistant", "content": coarse}])
