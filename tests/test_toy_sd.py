@@ -188,3 +188,25 @@ def test_feature_probe_reads_what_features_carry_and_not_what_they_miss():
     assert informative["smallest_shape"]["n_test"] < 200  # single-object scenes do not ask it
     table = probe_table({"a": informative, "b": blind})
     assert table.splitlines()[0] == "| target | a | b | majority |" and "smallest_shape" in table
+
+
+def test_the_committed_warm_start_fits_the_mini_sd_config():
+    """checkpoints/toy/sd_unet_8000 (fp16 EMA weights of a UNet that missed its gate) starts a run of
+    configs/toy/sd.yaml through `init_unet`: same architecture, every tensor copied."""
+    from pathlib import Path
+
+    from toy.decoder_model import build_unet, load_init_unet
+    from toy.pretrain_decoder import DecoderPretrainConfig
+    from vilex.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    warm = repo / "checkpoints" / "toy" / "sd_unet_8000"
+    cfg = load_config(DecoderPretrainConfig, repo / "configs" / "toy" / "sd.yaml", [f"init_unet={warm}"])
+    unet = build_unet(cfg.unet, cfg.image_size // 4, cfg.text_encoder.width, channels=4)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    assert load_init_unet(unet, cfg.init_unet) == {"from": str(warm), "zero_initialised_coordinate_channels": 0}
+    after = unet.state_dict()
+    assert all(after[k].dtype == torch.float32 for k in after)
+    assert sum(not torch.equal(before[k], after[k]) for k in after) > 0.9 * len(after)
+    recipe = json.loads((warm / "recipe.json").read_text())
+    assert recipe["metrics"]["steps_done"] == 8000 and recipe["metrics"]["gate"]["passed"] is False
