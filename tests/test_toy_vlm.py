@@ -131,6 +131,10 @@ def test_scene_documents_mix_follows_the_data_spec():
 
 
 def test_llm_qa_cli_reports_each_context(tiny_llm, capsys):
+    from toy.cli import LLM_QA_CONTEXTS
+    from toy.pretrain_llm import QA_CONTEXTS
+
+    assert LLM_QA_CONTEXTS == QA_CONTEXTS
     out, _ = tiny_llm
     assert vilex_main(["toy", "llm-qa", "--llm", str(out), "--questions", "4", "--context", "fine", "both"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -198,12 +198,13 @@ def _gate_decoder(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- llm-qa
-def _llm_qa_args(p: argparse.ArgumentParser) -> None:
-    from toy.pretrain_llm import QA_CONTEXTS
+LLM_QA_CONTEXTS = ("coarse", "fine", "both")  # toy.pretrain_llm.QA_CONTEXTS, not imported: it would load torch
 
+
+def _llm_qa_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm", default="assets/toy/llm", help="toy LLM folder (vilex toy pretrain-llm)")
     p.add_argument("--questions", type=int, default=600, help="held-out questions per context (default 600)")
-    p.add_argument("--context", nargs="+", choices=QA_CONTEXTS, default=list(QA_CONTEXTS),
+    p.add_argument("--context", nargs="+", choices=LLM_QA_CONTEXTS, default=list(LLM_QA_CONTEXTS),
                    help="what stands in for the image: the coarse caption, the fine one, or both (default: each)")
     p.add_argument("--seed", type=int, default=0, help="the held-out scenes' seed (the LLM recipe's seed)")
 
