@@ -83,10 +83,11 @@ def test_pretrain_llm_writes_a_loadable_chat_model(tiny_llm):
 
 def test_qa_contexts_state_what_the_questions_ask():
     """'both' holds the fine and the coarse caption; the coarse caption names every position answer's 3x3 cell."""
+    import numpy as np
+
     from toy.pretrain_llm import QA_CONTEXTS, qa_context
     from toy.recipe import heldout_scenes
     from toy.scenes import world
-    import numpy as np
 
     rng = np.random.default_rng(0)
     positions = 0
@@ -128,6 +129,17 @@ def test_scene_documents_mix_follows_the_data_spec():
     assert questions[0] == questions[1] == questions[2] and len(set(questions[0])) >= 3
     assert all(q.endswith("?") for q in questions[0])
     assert chats(LLMDataSpec(caption_chat_prob=0.0, fine_context_prob=1.0))[0][0]["content"].startswith(fine + "\n")
+
+
+def test_the_default_document_stream_is_the_shipped_llms():
+    """configs/toy/llm.yaml must still draw the documents assets/toy/llm was trained on: the digest of the first
+    steps' documents, as drawn before the QA-context options existed."""
+    import hashlib
+
+    from toy.pretrain_llm import LLMDataSpec, step_documents
+
+    docs = [step_documents(0, step, 24, LLMDataSpec()) for step in range(3)]
+    assert hashlib.sha256(json.dumps(docs).encode()).hexdigest()[:16] == "9055027b60347a4c"
 
 
 def test_llm_qa_cli_reports_each_context(tiny_llm, capsys):

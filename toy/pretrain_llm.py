@@ -136,8 +136,9 @@ def scene_documents(scene: world.Scene, rng: np.random.Generator, spec: LLMDataS
     qas = [(q.question, q.answer) for q in world.questions(scene, rng)]
     for _ in range(spec.qa_docs):
         order = rng.permutation(len(qas))
-        context = join_captions(fine, coarse) if rng.random() < spec.both_context_prob else \
-            fine if rng.random() < spec.fine_context_prob else coarse
+        # no draw for "both" when it is off: the shipped LLM's document stream stays as it was
+        both = spec.both_context_prob > 0 and rng.random() < spec.both_context_prob
+        context = join_captions(fine, coarse) if both else fine if rng.random() < spec.fine_context_prob else coarse
         docs.append(chat_qa_messages(context, [qas[i] for i in order]))
     if rng.random() < spec.caption_chat_prob:
         docs.append([{"role": "user", "content": f"{fine}\n{CAPTION_PROMPT}"},
@@ -266,7 +267,8 @@ def qa_context(scene: world.Scene, which: str) -> str:
 
 
 @torch.no_grad()
-def text_qa_accuracy(model: Any, tokenizer: Any, seed: int, n_questions: int, context: str = "coarse") -> dict[str, Any]:
+def text_qa_accuracy(model: Any, tokenizer: Any, seed: int, n_questions: int,
+                     context: str = "coarse") -> dict[str, Any]:
     """Greedy exact match per question type with a caption (``context``: ``QA_CONTEXTS``) in place of the image, on
     held-out scenes; the same questions whatever the context."""
     from benchmarks.toy_task_fns import normalize_answer

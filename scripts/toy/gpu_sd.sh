@@ -74,14 +74,16 @@ sets() { local s=""; for kv in $1 $EXTRA; do s="$s --set $kv"; done; echo "$s"; 
 names=()
 while IFS= read -r v; do [[ -n $v ]] && names+=("${v%%|*}"); done <<< "$VARIANTS"
 over() { printf '%s\n' "$VARIANTS" | grep "^$1|" | cut -d'|' -f2; }
-common="--config configs/toy/sd.yaml --set train.device=$DEVICE --set train.num_workers=$WORKERS --set train.threads=$THREADS"
+common="--config configs/toy/sd.yaml --set train.device=$DEVICE --set train.num_workers=$WORKERS"
+common="$common --set train.threads=$THREADS"
 
 # ---------------------------------------------------------------- speed probe: every variant at once, as they will run
 pids=()
 for n in "${names[@]}"; do
   rm -rf "/tmp/sd_probe_$n"
   "$PY" -m vilex toy pretrain-decoder $common $(sets "$(over "$n")") --set train.max_steps=$PROBE_STEPS \
-    --set work_dir=/tmp/sd_probe_$n/work --set gate.enabled=false --set train.log_every=$(( PROBE_STEPS > 4 ? PROBE_STEPS / 4 : 1 )) \
+    --set work_dir=/tmp/sd_probe_$n/work --set gate.enabled=false \
+    --set train.log_every=$(( PROBE_STEPS > 4 ? PROBE_STEPS / 4 : 1 )) \
     --set train.checkpoint_every=100000 --out /tmp/sd_probe_$n/out > "/tmp/sd_probe_$n.log" 2>&1 &
   pids+=($!)
 done
@@ -90,7 +92,7 @@ echo "[$(elapsed)s] probe done"
 TRAIN_S=$(( BUDGET_S - $(elapsed) - GATE_S - 30 ))  # 30 s: start-up, the last checkpoint, the files
 [[ $TRAIN_S -gt 20 ]] || { echo "no time left to train ($TRAIN_S s)"; exit 4; }
 
-# ---------------------------------------------------------------- the runs (each ends itself by max_steps or max_minutes)
+# ---------------------------------------------------------------- the runs (each ends by max_steps or max_minutes)
 pids=()
 for n in "${names[@]}"; do
   steps=$("$PY" - "/tmp/sd_probe_$n/work/train_log.jsonl" "$TRAIN_S" "$MAX_STEPS_CAP" <<'EOF'
@@ -120,7 +122,9 @@ echo "[$(elapsed)s] training and gates done"
 # ---------------------------------------------------------------- results
 for n in "${names[@]}"; do
   d=gpu_sd_$n
-  [[ -f $RUNS/$d/unet/diffusion_pytorch_model.safetensors ]] || { echo "$n: no folder written:"; tail -30 "$RUNS/$d.log"; continue; }
+  if [[ ! -f $RUNS/$d/unet/diffusion_pytorch_model.safetensors ]]; then
+    echo "$n: no folder written:"; tail -30 "$RUNS/$d.log"; continue
+  fi
   cp "$RUNS/$d/unet/diffusion_pytorch_model.safetensors" "$OUT/${n}_unet.safetensors"
   tar czf "$OUT/$n.tgz" -C "$RUNS" --exclude="$d/unet/diffusion_pytorch_model.safetensors" "$d" "$d.log" \
     "${d}_work/train_log.jsonl"
