@@ -149,6 +149,62 @@ def test_vilex_trains_against_the_mini_sd_as_a_stable_diffusion_decoder(tiny_sd)
     assert torch.allclose(decoder.model_space_from_posterior(mean, torch.zeros_like(mean)), expected, atol=1e-5)
 
 
+def _warm_start_decoder(folder):
+    """A decoder folder from committed parts: the warm-start UNet (checkpoints/toy/sd_unet_8000), the toy VAE, text
+    encoder and tokenizer, and configs/toy/sd.yaml's scheduler."""
+    import shutil
+    from pathlib import Path
+
+    from toy.decoder_model import build_noise_scheduler
+    from toy.pretrain_decoder import DecoderPretrainConfig
+    from vilex.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    for part, source in {"unet": "checkpoints/toy/sd_unet_8000/unet", "vae": "assets/toy/sd_vae",
+                         "text_encoder": "assets/toy/text_encoder", "tokenizer": "assets/toy/tokenizer"}.items():
+        shutil.copytree(repo / source, folder / part)
+    cfg = load_config(DecoderPretrainConfig, repo / "configs" / "toy" / "sd.yaml", [])
+    build_noise_scheduler(cfg.noise).save_pretrained(str(folder / "scheduler"))
+    return folder
+
+
+@pytest.mark.slow  # ~20 s on 2 cores: 32 scenes sampled twice by the 3.9M-parameter UNet
+def test_decoder_commitment_of_a_trained_mini_sd_keeps_a_render_noised_to_0_3_and_not_pure_noise(tmp_path):
+    """From renders noised to 0.3 x T the trained UNet keeps the scenes' shapes (they are decided above that noise
+    level); sampled from pure noise it draws far fewer of them right (the gate's failure, checkpoints/README.md)."""
+    from toy.decoder_commitment import attribute_commitment
+
+    folder = _warm_start_decoder(tmp_path / "sd")
+    result = attribute_commitment(folder, "assets/toy/probe_64", [0.3, 1.0], n_scenes=32, seed=1)
+    assert result["autoencoded"]["shape_accuracy"] >= 0.85
+    kept, sampled = result["by_strength"]["0.3"], result["by_strength"]["1"]
+    assert kept["shape_accuracy"] >= 0.75 and kept["cell_accuracy"] >= 0.8
+    assert sampled["shape_accuracy"] < kept["shape_accuracy"] - 0.25
+    with pytest.raises(ValueError, match="init_images"):
+        from toy.decoder_gate import load_decoder_folder, sample_images
+
+        unet, text_encoder, tokenizer, scheduler, latents = load_decoder_folder(folder)
+        sample_images(unet, text_encoder, tokenizer, scheduler, ["a red circle"], latents=latents, strength=0.5)
+
+
+def test_decoder_commitment_at_full_strength_is_the_gates_own_sampling(tiny_sd, tmp_path, capsys):
+    from toy.decoder_gate import DecoderGateSpec, decoder_quality_gate, load_decoder_folder
+
+    probe = "assets/toy/probe"  # the shipped 32-px attribute probe judges the 32-px tiny decoder's samples
+    out = tmp_path / "commitment.json"
+    assert main(["toy", "decoder-commitment", "--decoder", str(tiny_sd), "--probe", probe, "--n", "8",
+                 "--seed", "5", "--steps", "4", "--strengths", "1.0", "0.5", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result["by_strength"]) == ["0.5", "1"] and result["first_timestep"]["1"] > 900
+    assert result["first_timestep"]["0.5"] <= 500
+    table = capsys.readouterr().out
+    assert "| autoencoded render | 0 |" in table and "| strength 0.5 |" in table
+    spec = DecoderGateSpec(probe=probe, n_scenes=8, ddim_steps=4, guidance_scale=3.0)
+    gate, _ = decoder_quality_gate(*load_decoder_folder(tiny_sd)[:4], probe, spec, 5, load_decoder_folder(tiny_sd)[4])
+    assert result["by_strength"]["1"] == gate["generated"]["all"]
+    assert main(["toy", "decoder-commitment", "--decoder", str(tiny_sd), "--probe", probe, "--strengths", "0"]) == 2
+
+
 def test_a_latent_unet_refuses_coordinate_channels(tmp_path, tiny_vae, toy_tokenizer):
     code = main(["toy", "pretrain-decoder", "--config", "configs/toy/sd.yaml", "--out", str(tmp_path / "sd"),
                  "--set", f"vae={tiny_vae / 'vae'}", "--set", f"tokenizer={toy_tokenizer}",

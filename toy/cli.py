@@ -197,6 +197,35 @@ def _gate_decoder(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- decoder-commitment
+def _commitment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decoder", required=True, help="decoder folder to diagnose (vilex toy pretrain-decoder)")
+    p.add_argument("--probe", default="assets/toy/probe_64", help="attribute-probe folder that judges the samples")
+    p.add_argument("--strengths", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.85, 1.0],
+                   help="noise levels to start from, as fractions of T (1.0: pure noise, the gate's sampling)")
+    p.add_argument("--n", type=int, default=128, help="held-out scenes (default 128)")
+    p.add_argument("--seed", type=int, default=1,
+                   help="held-out scenes' seed (default 1: not the gate's seed 0, so choices made here stay off it)")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps over the whole range (default 25)")
+    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--out", default=None, help="also write the result as JSON here")
+
+
+@command("decoder-commitment", help="at which noise level the toy decoder decides each attribute: held-out captions "
+         "sampled from their own renders noised to several strengths, judged by the probe", group="toy"
+         )(_commitment_args)
+def _decoder_commitment(args: argparse.Namespace) -> int:
+    from toy.decoder_commitment import attribute_commitment, commitment_table
+
+    result = attribute_commitment(args.decoder, args.probe, args.strengths, args.n, args.seed, args.steps,
+                                  args.guidance_scale)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(commitment_table(result))
+    return 0
+
+
 # ----------------------------------------------------------------------------- llm-qa
 LLM_QA_CONTEXTS = ("coarse", "fine", "both")  # toy.pretrain_llm.QA_CONTEXTS, not imported: it would load torch
 

@@ -46,15 +46,31 @@ class DecoderGateSpec:
 @torch.no_grad()
 def sample_images(unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, noise_scheduler: Any,
                   prompts: Sequence[str], steps: int = 25, guidance_scale: float = 3.0, seed: int = 0,
-                  batch_size: int = 64, latents: Any = None) -> torch.Tensor:
+                  batch_size: int = 64, latents: Any = None, init_images: torch.Tensor | None = None,
+                  strength: float = 1.0) -> torch.Tensor:
     """DDIM samples (B, 3, H, W) in [-1, 1], on the CPU, for ``prompts`` with classifier-free guidance; a latent
-    decoder's samples (``latents``: its ``LatentSpace``) are decoded by its VAE."""
+    decoder's samples (``latents``: its ``LatentSpace``) are decoded by its VAE.
+
+    ``init_images`` (B, 3, H, W) in [-1, 1] with ``strength`` < 1 starts from those images noised to the first DDIM
+    timestep at or below ``strength`` x T and runs only the steps below it (diffusers' img2img convention): what the
+    sampler keeps from them shows which attributes are already decided at that noise level."""
     from diffusers import DDIMScheduler
 
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if strength < 1.0 and init_images is None:
+        raise ValueError("strength < 1 needs init_images to start from")
     size = int(unet.config.sample_size)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(prompts), int(unet.config.out_channels), size, size, generator=generator)
     uncond_one = encode_prompts(tokenizer, text_encoder, [""])
+    ddim = DDIMScheduler.from_config(noise_scheduler.config)
+    ddim.set_timesteps(steps)
+    timesteps = ddim.timesteps
+    if strength < 1.0:
+        timesteps = timesteps[timesteps <= strength * ddim.config.num_train_timesteps]
+        if len(timesteps) == 0:
+            raise ValueError(f"strength {strength} is below the last of {steps} DDIM steps")
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i:i + batch_size])
@@ -62,8 +78,13 @@ def sample_images(unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, nois
         context = torch.cat([uncond_one.expand(len(chunk), -1, -1), cond])
         ddim = DDIMScheduler.from_config(noise_scheduler.config)
         ddim.set_timesteps(steps)
-        x = noise[i:i + len(chunk)].to(unet.device)
-        for t in ddim.timesteps:
+        x = noise[i:i + len(chunk)]
+        if strength < 1.0:
+            start = init_images[i:i + len(chunk)]
+            start = latents.encode(start, generator) if latents is not None else start
+            x = ddim.add_noise(start.cpu(), x, timesteps[:1].expand(len(chunk)))
+        x = x.to(unet.device)
+        for t in timesteps:
             pred_uncond, pred_cond = unet_forward(unet, torch.cat([x, x]), t, context).chunk(2)
             x = ddim.step(pred_uncond + guidance_scale * (pred_cond - pred_uncond), t, x).prev_sample
         out.append((latents.decode(x) if latents is not None else x.clamp(-1.0, 1.0)).cpu())
@@ -90,6 +111,11 @@ def gate_scenes(seed: int, n: int) -> tuple[list[world.Scene], int]:
     return scenes, drawn
 
 
+def gate_captions(scenes: Sequence[world.Scene]) -> list[str]:
+    """The gate's captions: coarse for even indices, fine for odd ones."""
+    return [world.caption_coarse(s) if i % 2 == 0 else world.caption_fine(s) for i, s in enumerate(scenes)]
+
+
 def decoder_quality_gate(unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, noise_scheduler: Any,
                          probe_dir: str | Path, spec: DecoderGateSpec, seed: int, latents: Any = None
                          ) -> tuple[dict[str, Any], Any]:
@@ -100,7 +126,7 @@ def decoder_quality_gate(unet: nn.Module, text_encoder: nn.Module, tokenizer: An
 
     probe = load_probe(probe_dir)
     scenes, drawn = gate_scenes(seed, spec.n_scenes)
-    captions = [world.caption_coarse(s) if i % 2 == 0 else world.caption_fine(s) for i, s in enumerate(scenes)]
+    captions = gate_captions(scenes)
     started = time.time()
     images = sample_images(unet, text_encoder, tokenizer, noise_scheduler, captions, spec.ddim_steps,
                            spec.guidance_scale, seed=seed, batch_size=spec.batch_size, latents=latents)
@@ -133,23 +159,12 @@ def decoder_quality_gate(unet: nn.Module, text_encoder: nn.Module, tokenizer: An
 
 def gate_decoder_folder(decoder_dir: str | Path, spec: DecoderGateSpec, seed: int) -> dict[str, Any]:
     """Run the quality gate on a saved decoder folder; rewrites its samples.png and ``metrics.gate`` in recipe.json."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
     from toy.recipe import RECIPE_NAME, read_recipe
 
     folder = Path(decoder_dir)
-    if not (folder / "unet").is_dir():
-        raise UserError(f"not a toy decoder folder (no unet/): {folder}")
+    unet, text_encoder, tokenizer, scheduler, latents = load_decoder_folder(folder)
     if not (Path(spec.probe) / "config.json").is_file():
         raise UserError(f"gate.probe: attribute probe not found: {spec.probe}")
-    from toy.decoder_model import LatentSpace
-
-    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet")).eval()
-    latents = LatentSpace(folder / "vae") if (folder / "vae").is_dir() else None
-    text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder")).eval()
-    tokenizer = load_toy_tokenizer(folder / "tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"))
     metrics, sheet = decoder_quality_gate(unet, text_encoder, tokenizer, scheduler, spec.probe, spec, seed, latents)
     sheet.save(folder / ".samples.png.tmp", format="PNG", optimize=True)
     os.replace(folder / ".samples.png.tmp", folder / "samples.png")
@@ -160,3 +175,22 @@ def gate_decoder_folder(decoder_dir: str | Path, spec: DecoderGateSpec, seed: in
         (folder / ".recipe.json.tmp").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
         os.replace(folder / ".recipe.json.tmp", folder / RECIPE_NAME)
     return metrics
+
+
+def load_decoder_folder(decoder_dir: str | Path) -> tuple[Any, Any, Any, Any, Any]:
+    """(unet, text_encoder, tokenizer, scheduler, latents) of a saved toy decoder folder, in eval mode; ``latents``
+    is its ``LatentSpace`` when it has a vae/, else None (a pixel-space decoder)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from toy.decoder_model import LatentSpace
+
+    folder = Path(decoder_dir)
+    if not (folder / "unet").is_dir():
+        raise UserError(f"not a toy decoder folder (no unet/): {folder}")
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet")).eval()
+    latents = LatentSpace(folder / "vae") if (folder / "vae").is_dir() else None
+    text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder")).eval()
+    tokenizer = load_toy_tokenizer(folder / "tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"))
+    return unet, text_encoder, tokenizer, scheduler, latents
