@@ -31,7 +31,7 @@ def assert_finite(row: dict, *keys: str) -> None:
 
 
 def test_scripts_parse_and_shell_syntax():
-    for sh in ("gpu_all.sh", "gpu_stage1.sh"):
+    for sh in ("gpu_all.sh", "gpu_stage1.sh", "gpu_env.sh"):
         subprocess.run(["bash", "-n", str(BENCH / sh)], check=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     procs = {name: subprocess.Popen([sys.executable, str(BENCH / name), "--help"], env=env, stdout=subprocess.PIPE,
@@ -40,6 +40,33 @@ def test_scripts_parse_and_shell_syntax():
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, f"{name} --help: {err[-2000:]}"
         assert "--device" in out and "--out" in out, name
+
+
+def test_carried_packages_come_first_on_the_path_and_their_folder_goes_at_exit(tmp_path):
+    """gpu_env.sh's use_carried_pydeps (both device scripts source it): the packed site-packages shadow the repo's
+    and the machine's, and the unpacked copy is removed when the script exits; a broken archive exits 3."""
+    import tarfile
+
+    site = tmp_path / "site"
+    (site / "pinned_pkg").mkdir(parents=True)
+    (site / "pinned_pkg" / "__init__.py").write_text("VERSION = 'pinned'\n")
+    carry = tmp_path / "carry"
+    carry.mkdir()
+    with tarfile.open(carry / "pydeps.tar.gz", "w:gz") as tar:
+        tar.add(site / "pinned_pkg", arcname="pinned_pkg")
+    script = (f'source {BENCH / "gpu_env.sh"}; use_carried_pydeps {carry} {REPO}; echo "$VILEX_PYDEPS_DIR"; '
+              f'{sys.executable} -c "import pinned_pkg, sys; print(pinned_pkg.VERSION, sys.path[1])"')
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    unpacked, imported = proc.stdout.split("\n")[:2]
+    assert imported == f"pinned {unpacked}" and not Path(unpacked).exists()
+    (carry / "pydeps.tar.gz").write_bytes(b"not a tarball")
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and "cannot unpack" in proc.stderr
+    empty = tmp_path / "no_carry"
+    proc = subprocess.run(["bash", "-c", f'source {BENCH / "gpu_env.sh"}; use_carried_pydeps {empty} {REPO}; '
+                           'echo "[${VILEX_PYDEPS_DIR:-}]"'], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]"
 
 
 def run_part(part: str, out_dir: Path) -> str:

@@ -76,12 +76,8 @@ else
   OUTDIR=${OUTDIR:-${OUT:-runs/bench/gpu}}
   PY=${PYTHON:-python3}; [[ -z ${PYTHON:-} && -x $VENV_PY ]] && PY=$VENV_PY
   export PYTHONPATH="$REPO"
-  if [[ -f $CARRY/pydeps.tar.gz ]]; then
-    SITEDIR=$(mktemp -d /tmp/vilex_pydeps.XXXXXX)
-    trap 'rm -rf "$SITEDIR"' EXIT
-    tar -xzf "$CARRY/pydeps.tar.gz" -C "$SITEDIR" || { echo "setup: cannot unpack $CARRY/pydeps.tar.gz" >&2; exit 3; }
-    export PYTHONPATH="$SITEDIR:$REPO"
-  fi
+  source "$REPO/scripts/bench/gpu_env.sh"
+  use_carried_pydeps "$CARRY" "$REPO"
   PYS=("$PY")
   TINY=()
   SLACK=15

@@ -55,10 +55,9 @@ else
 fi
 mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH="$REPO" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 DISABLE_TQDM=1
-if [[ $MODE == gpu && -f $CARRY/pydeps.tar.gz ]]; then
-  SITEDIR=$(mktemp -d /tmp/vilex_pydeps.XXXXXX)
-  tar -xzf "$CARRY/pydeps.tar.gz" -C "$SITEDIR" || { echo "setup: cannot unpack $CARRY/pydeps.tar.gz" >&2; exit 3; }
-  export PYTHONPATH="$SITEDIR:$REPO"
+if [[ $MODE == gpu ]]; then
+  source "$REPO/scripts/bench/gpu_env.sh"
+  use_carried_pydeps "$CARRY" "$REPO"
 fi
 exec > >(tee -a "$OUT/log.txt") 2>&1
 echo "== gpu_sd.sh ($MODE) $(date -u '+%Y-%m-%d %H:%M UTC'), out: $OUT"
