@@ -205,6 +205,33 @@ def test_decoder_commitment_at_full_strength_is_the_gates_own_sampling(tiny_sd, 
     assert main(["toy", "decoder-commitment", "--decoder", str(tiny_sd), "--probe", probe, "--strengths", "0"]) == 2
 
 
+@pytest.mark.slow  # ~1 min: two ViLex steps at 64-px encoder input, then every claims arm on 4 scenes
+def test_the_64px_vilex_config_trains_against_the_mini_sd_and_the_claims_measure_it(tiny_sd, tmp_path):
+    """configs/vilex/toy_64.yaml end to end on a stand-in mini SD: ViLex from the web-caption SigLIP against it
+    (latent cache on), then `vilex toy claims` against that decoder with a probe of its image size."""
+    from toy.scenes.generate import generate_dataset
+
+    data = tmp_path / "data"
+    generate_dataset(data, n=40, seed=0, size=32, overwrite=True, progress=False)
+    run = tmp_path / "run"
+    sets = {"model.decoder.name_or_path": tiny_sd, "data.train.path": data / "train", "data.val.path": data / "val",
+            "train.output_dir": run, "latent_cache.dir": tmp_path / "latents", "train.max_steps": 2,
+            "train.global_batch_size": 4, "train.checkpoint_every": 2, "train.optim.warmup_steps": 1,
+            "log.tensorboard": "false", "val.every": 100}
+    args = ["pretrain", "--config", "configs/vilex/toy_64.yaml"]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    assert main(args) == 0
+    assert any((tmp_path / "latents").rglob("*")), "the latent cache was not used"
+    out = tmp_path / "claims"
+    assert main(["toy", "claims", "--checkpoint", str(run), "--test-split", str(data / "test"), "--out", str(out),
+                 "--n", "4", "--decoder", str(tiny_sd), "--probe", "assets/toy/probe", "--device", "cpu"]) == 0
+    claims = json.loads((out / "checkpoint_claims.json").read_text())
+    assert set(claims["arms"]) == {"caption_coarse", "caption_fine", "vilex_1", "vilex_4", "vilex_16"}
+    assert claims["n"] == 4 and all(np.isfinite(arm["psnr"]["mean"]) for arm in claims["arms"].values())
+    assert (out / "checkpoint_reconstructions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_a_latent_unet_refuses_coordinate_channels(tmp_path, tiny_vae, toy_tokenizer):
     code = main(["toy", "pretrain-decoder", "--config", "configs/toy/sd.yaml", "--out", str(tmp_path / "sd"),
                  "--set", f"vae={tiny_vae / 'vae'}", "--set", f"tokenizer={toy_tokenizer}",

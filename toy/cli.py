@@ -267,6 +267,11 @@ def _claims_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=128, help="held-out scenes (default 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--assets", default="assets/toy", help="folder with decoder/ and probe/")
+    p.add_argument("--decoder", default=None,
+                   help="the frozen decoder the checkpoint was trained against, a toy decoder or a Stable Diffusion "
+                        "folder such as the mini SD (default: ASSETS/decoder)")
+    p.add_argument("--probe", default=None, help="the attribute probe for the decoder's image size "
+                                                 "(default: ASSETS/probe; ASSETS/probe_64 judges 64-px scenes)")
     add_device_arg(p)
     p.add_argument("--tfg-scale", type=float, default=None,
                    help="w of the Text-Free Guidance edit (claim D); default toy.claims.TFG_SCALE")
@@ -280,7 +285,9 @@ def _claims(args: argparse.Namespace) -> int:
     from toy.claims_report import measure_checkpoint
 
     assets = Path(args.assets)
-    results, body = measure_checkpoint(args.checkpoint, assets / "decoder", assets / "probe", args.test_split,
+    decoder = Path(args.decoder) if args.decoder else assets / "decoder"
+    probe = Path(args.probe) if args.probe else assets / "probe"
+    results, body = measure_checkpoint(args.checkpoint, decoder, probe, args.test_split,
                                        args.out, args.name, args.n, args.seed, args.device,
                                        args.tfg_scale)
     (Path(args.out) / f"{args.name}_claims.md").write_text(body)
@@ -295,6 +302,11 @@ def _ship_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=128, help="held-out scenes (default 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--assets", default="assets/toy", help="folder with decoder/ and probe/")
+    p.add_argument("--decoder", default=None,
+                   help="the frozen decoder the checkpoint was trained against, a toy decoder or a Stable Diffusion "
+                        "folder such as the mini SD (default: ASSETS/decoder)")
+    p.add_argument("--probe", default=None, help="the attribute probe for the decoder's image size "
+                                                 "(default: ASSETS/probe; ASSETS/probe_64 judges 64-px scenes)")
     p.add_argument("--device", default="auto", help="where to sample: auto (cuda when there is one) | cpu | cuda[:N]")
     p.add_argument("--tfg-scale", type=float, default=None,
                    help="w of the Text-Free Guidance edit (claim D); default toy.claims.TFG_SCALE")

@@ -64,7 +64,7 @@ def sample_images(unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, nois
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(prompts), int(unet.config.out_channels), size, size, generator=generator)
     uncond_one = encode_prompts(tokenizer, text_encoder, [""])
-    ddim = DDIMScheduler.from_config(noise_scheduler.config)
+    ddim = DDIMScheduler.from_config(noise_scheduler.config)  # stateless between steps: one for every chunk
     ddim.set_timesteps(steps)
     timesteps = ddim.timesteps
     if strength < 1.0:
@@ -76,8 +76,6 @@ def sample_images(unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, nois
         chunk = list(prompts[i:i + batch_size])
         cond = encode_prompts(tokenizer, text_encoder, chunk)
         context = torch.cat([uncond_one.expand(len(chunk), -1, -1), cond])
-        ddim = DDIMScheduler.from_config(noise_scheduler.config)
-        ddim.set_timesteps(steps)
         x = noise[i:i + len(chunk)]
         if strength < 1.0:
             start = init_images[i:i + len(chunk)]
