@@ -205,7 +205,7 @@ def test_decoder_commitment_at_full_strength_is_the_gates_own_sampling(tiny_sd, 
     assert main(["toy", "decoder-commitment", "--decoder", str(tiny_sd), "--probe", probe, "--strengths", "0"]) == 2
 
 
-@pytest.mark.slow  # ~1 min: two ViLex steps at 64-px encoder input, then every claims arm on 4 scenes
+@pytest.mark.slow  # ~1 min: two ViLex steps at 64-px encoder input, then every claims arm on 4 scenes twice
 def test_the_64px_vilex_config_trains_against_the_mini_sd_and_the_claims_measure_it(tiny_sd, tmp_path):
     """configs/vilex/toy_64.yaml end to end on a stand-in mini SD: ViLex from the web-caption SigLIP against it
     (latent cache on), then `vilex toy claims` against that decoder with a probe of its image size."""
@@ -230,6 +230,10 @@ def test_the_64px_vilex_config_trains_against_the_mini_sd_and_the_claims_measure
     assert set(claims["arms"]) == {"caption_coarse", "caption_fine", "vilex_1", "vilex_4", "vilex_16"}
     assert claims["n"] == 4 and all(np.isfinite(arm["psnr"]["mean"]) for arm in claims["arms"].values())
     assert (out / "checkpoint_reconstructions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shipped = tmp_path / "shipped"  # ship-vilex measures against the same decoder and probe
+    assert main(["toy", "ship-vilex", "--run", str(run), "--out", str(shipped), "--test-split", str(data / "test"),
+                 "--n", "4", "--decoder", str(tiny_sd), "--probe", "assets/toy/probe", "--device", "cpu"]) == 0
+    assert json.loads((shipped / "recipe.json").read_text())["metrics"]["claims"]["n"] == 4
 
 
 def test_a_latent_unet_refuses_coordinate_channels(tmp_path, tiny_vae, toy_tokenizer):

@@ -98,10 +98,11 @@ def repo_relative_references(config_path: Path, root: Path = REPO_ROOT) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def ship_vilex_run(run_dir: str | Path, out: str | Path, assets: str | Path, test_split: str | Path, n: int,
-                   seed: int = 0, device: str = "auto", note: str | None = None,
+def ship_vilex_run(run_dir: str | Path, out: str | Path, decoder: str | Path, probe: str | Path,
+                   test_split: str | Path, n: int, seed: int = 0, device: str = "auto", note: str | None = None,
                    tfg_scale: float | None = None) -> dict[str, Any]:
-    """Copy the last checkpoint's ``pipeline/`` of a ``vilex pretrain`` run to ``out`` with its measurements.
+    """Copy the last checkpoint's ``pipeline/`` of a ``vilex pretrain`` run to ``out`` with its measurements, made
+    against ``decoder`` (the frozen decoder it was trained against) and judged by ``probe``.
 
     ``out`` gets the pipeline folder (vit/, pooler/, vilex_config.json), ``claims.md``, the claims PNGs and
     ``recipe.json`` (the run's config, seed, commit, steps, wall time and the claims)."""
@@ -110,7 +111,7 @@ def ship_vilex_run(run_dir: str | Path, out: str | Path, assets: str | Path, tes
     from vilex.checkpoint import CheckpointManager, atomic_dir, write_manifest
     from toy.recipe import write_recipe
 
-    run_dir, assets = Path(run_dir), Path(assets)
+    run_dir = Path(run_dir)
     ckpt = CheckpointManager(run_dir / "checkpoints").resolve("auto")
     if ckpt is None or not (ckpt / "pipeline" / "vilex_config.json").is_file():
         raise UserError(f"{run_dir}: no finished checkpoint with a pipeline/ folder (is it a `vilex pretrain` run?)")
@@ -123,8 +124,8 @@ def ship_vilex_run(run_dir: str | Path, out: str | Path, assets: str | Path, tes
         shutil.copytree(ckpt / "pipeline", tmp, dirs_exist_ok=True)
         repo_relative_references(tmp / "vilex_config.json")
         write_manifest(tmp)  # the copied manifest describes the config before its references were rewritten
-        results, body = measure_checkpoint(tmp, assets / "decoder", assets / "probe", test_split, tmp, "shipped",
-                                           n, seed, device, tfg_scale)
+        results, body = measure_checkpoint(tmp, decoder, probe, test_split, tmp, "shipped", n, seed, device,
+                                           tfg_scale)
         (tmp / "claims.md").write_text(f"# Toy ViLex ({ckpt.name}): claims on {n} held-out scenes of "
                                        f"`{test_split}`\n\n{body}")
         losses = state.get("losses", [])

@@ -257,6 +257,22 @@ def _llm_qa(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- claims / ship-vilex
+def _add_decoder_probe_args(p: argparse.ArgumentParser) -> None:
+    """--assets / --decoder / --probe: what a ViLex checkpoint's claims are measured with (``_decoder_and_probe``)."""
+    p.add_argument("--assets", default="assets/toy", help="folder with decoder/ and probe/")
+    p.add_argument("--decoder", default=None,
+                   help="the frozen decoder the checkpoint was trained against, a toy decoder or a Stable Diffusion "
+                        "folder such as the mini SD (default: ASSETS/decoder)")
+    p.add_argument("--probe", default=None, help="the attribute probe for the decoder's image size "
+                                                 "(default: ASSETS/probe; ASSETS/probe_64 judges 64-px scenes)")
+
+
+def _decoder_and_probe(args: argparse.Namespace) -> tuple[Path, Path]:
+    assets = Path(args.assets)
+    return (Path(args.decoder) if args.decoder else assets / "decoder",
+            Path(args.probe) if args.probe else assets / "probe")
+
+
 def _claims_args(p: argparse.ArgumentParser) -> None:
     from vilex.cli.stage1_cmd import add_checkpoint_arg, add_device_arg
 
@@ -266,12 +282,7 @@ def _claims_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="checkpoint", help="file name prefix")
     p.add_argument("--n", type=int, default=128, help="held-out scenes (default 128)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--assets", default="assets/toy", help="folder with decoder/ and probe/")
-    p.add_argument("--decoder", default=None,
-                   help="the frozen decoder the checkpoint was trained against, a toy decoder or a Stable Diffusion "
-                        "folder such as the mini SD (default: ASSETS/decoder)")
-    p.add_argument("--probe", default=None, help="the attribute probe for the decoder's image size "
-                                                 "(default: ASSETS/probe; ASSETS/probe_64 judges 64-px scenes)")
+    _add_decoder_probe_args(p)
     add_device_arg(p)
     p.add_argument("--tfg-scale", type=float, default=None,
                    help="w of the Text-Free Guidance edit (claim D); default toy.claims.TFG_SCALE")
@@ -284,9 +295,7 @@ def _claims(args: argparse.Namespace) -> int:
 
     from toy.claims_report import measure_checkpoint
 
-    assets = Path(args.assets)
-    decoder = Path(args.decoder) if args.decoder else assets / "decoder"
-    probe = Path(args.probe) if args.probe else assets / "probe"
+    decoder, probe = _decoder_and_probe(args)
     results, body = measure_checkpoint(args.checkpoint, decoder, probe, args.test_split,
                                        args.out, args.name, args.n, args.seed, args.device,
                                        args.tfg_scale)
@@ -301,12 +310,7 @@ def _ship_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-split", default="runs/toy/vilex_data/test", help="held-out toy split for the claims")
     p.add_argument("--n", type=int, default=128, help="held-out scenes (default 128)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--assets", default="assets/toy", help="folder with decoder/ and probe/")
-    p.add_argument("--decoder", default=None,
-                   help="the frozen decoder the checkpoint was trained against, a toy decoder or a Stable Diffusion "
-                        "folder such as the mini SD (default: ASSETS/decoder)")
-    p.add_argument("--probe", default=None, help="the attribute probe for the decoder's image size "
-                                                 "(default: ASSETS/probe; ASSETS/probe_64 judges 64-px scenes)")
+    _add_decoder_probe_args(p)
     p.add_argument("--device", default="auto", help="where to sample: auto (cuda when there is one) | cpu | cuda[:N]")
     p.add_argument("--tfg-scale", type=float, default=None,
                    help="w of the Text-Free Guidance edit (claim D); default toy.claims.TFG_SCALE")
@@ -318,7 +322,8 @@ def _ship_args(p: argparse.ArgumentParser) -> None:
 def _ship_vilex(args: argparse.Namespace) -> int:
     from toy.claims_report import ship_vilex_run
 
-    metrics = ship_vilex_run(args.run, args.out, args.assets, args.test_split, args.n, args.seed, args.device,
+    decoder, probe = _decoder_and_probe(args)
+    metrics = ship_vilex_run(args.run, args.out, decoder, probe, args.test_split, args.n, args.seed, args.device,
                              args.note, args.tfg_scale)
     print(json.dumps({"steps_done": metrics["steps_done"], "verdicts": metrics["claims"]["verdicts"]}, indent=2))
     return 0

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from toy.decoder_gate import gate_captions, gate_scenes, load_decoder_folder, sample_images
+from toy.decoder_gate import gate_captions, gate_scenes, load_decoder_folder, sample_images, start_timesteps
 from toy.probe import judge, load_probe, summarize
 from toy.recipe import images_to_unit_range, render_batch
 from vilex.errors import UserError
@@ -45,17 +45,8 @@ def attribute_commitment(decoder_dir: str | Path, probe_dir: str | Path, strengt
                                batch_size=batch_size, latents=latents, init_images=renders, strength=strength)
         key = f"{strength:g}"
         out["by_strength"][key] = summarize(judge(probe, images, scenes))
-        out["first_timestep"][key] = _first_timestep(scheduler, steps, strength)
+        out["first_timestep"][key] = int(start_timesteps(scheduler, steps, strength)[1][0])
     return out
-
-
-def _first_timestep(scheduler: Any, steps: int, strength: float) -> int:
-    """The DDIM timestep that sampling at ``strength`` starts from (as ``sample_images`` picks it)."""
-    from diffusers import DDIMScheduler
-
-    ddim = DDIMScheduler.from_config(scheduler.config)
-    ddim.set_timesteps(steps)
-    return int(ddim.timesteps[ddim.timesteps <= strength * ddim.config.num_train_timesteps][0])
 
 
 def commitment_table(result: dict[str, Any]) -> str:

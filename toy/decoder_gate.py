@@ -54,23 +54,13 @@ def sample_images(unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, nois
     ``init_images`` (B, 3, H, W) in [-1, 1] with ``strength`` < 1 starts from those images noised to the first DDIM
     timestep at or below ``strength`` x T and runs only the steps below it (diffusers' img2img convention): what the
     sampler keeps from them shows which attributes are already decided at that noise level."""
-    from diffusers import DDIMScheduler
-
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
     if strength < 1.0 and init_images is None:
         raise ValueError("strength < 1 needs init_images to start from")
     size = int(unet.config.sample_size)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(prompts), int(unet.config.out_channels), size, size, generator=generator)
     uncond_one = encode_prompts(tokenizer, text_encoder, [""])
-    ddim = DDIMScheduler.from_config(noise_scheduler.config)  # stateless between steps: one for every chunk
-    ddim.set_timesteps(steps)
-    timesteps = ddim.timesteps
-    if strength < 1.0:
-        timesteps = timesteps[timesteps <= strength * ddim.config.num_train_timesteps]
-        if len(timesteps) == 0:
-            raise ValueError(f"strength {strength} is below the last of {steps} DDIM steps")
+    ddim, timesteps = start_timesteps(noise_scheduler, steps, strength)  # DDIM is stateless: one for every chunk
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = list(prompts[i:i + batch_size])
@@ -87,6 +77,23 @@ def sample_images(unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, nois
             x = ddim.step(pred_uncond + guidance_scale * (pred_cond - pred_uncond), t, x).prev_sample
         out.append((latents.decode(x) if latents is not None else x.clamp(-1.0, 1.0)).cpu())
     return torch.cat(out)
+
+
+def start_timesteps(noise_scheduler: Any, steps: int, strength: float = 1.0) -> tuple[Any, torch.Tensor]:
+    """(a DDIM scheduler set to ``steps``, the timesteps a sample at ``strength`` runs): all of them at 1, else those
+    at or below ``strength`` x T."""
+    from diffusers import DDIMScheduler
+
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    ddim = DDIMScheduler.from_config(noise_scheduler.config)
+    ddim.set_timesteps(steps)
+    timesteps = ddim.timesteps
+    if strength < 1.0:
+        timesteps = timesteps[timesteps <= strength * ddim.config.num_train_timesteps]
+        if len(timesteps) == 0:
+            raise ValueError(f"strength {strength} is below the last of {steps} DDIM steps")
+    return ddim, timesteps
 
 
 def signed_images_to_pil(images: torch.Tensor) -> list:
@@ -160,9 +167,9 @@ def gate_decoder_folder(decoder_dir: str | Path, spec: DecoderGateSpec, seed: in
     from toy.recipe import RECIPE_NAME, read_recipe
 
     folder = Path(decoder_dir)
-    unet, text_encoder, tokenizer, scheduler, latents = load_decoder_folder(folder)
-    if not (Path(spec.probe) / "config.json").is_file():
+    if not (Path(spec.probe) / "config.json").is_file():  # checked before the models load
         raise UserError(f"gate.probe: attribute probe not found: {spec.probe}")
+    unet, text_encoder, tokenizer, scheduler, latents = load_decoder_folder(folder)
     metrics, sheet = decoder_quality_gate(unet, text_encoder, tokenizer, scheduler, spec.probe, spec, seed, latents)
     sheet.save(folder / ".samples.png.tmp", format="PNG", optimize=True)
     os.replace(folder / ".samples.png.tmp", folder / "samples.png")
