@@ -49,10 +49,10 @@ def measure_checkpoint(checkpoint: str | Path, decoder: str | Path, probe: str |
     ``device``: where the pipeline samples ("auto" = CUDA when there is one). The initial noise is drawn on the
     CPU from the same seeds, so a GPU measures the same samples up to float rounding.
 
-    Returns (results, a markdown body: the two images and the claims tables, with image paths relative to
-    ``out_dir``)."""
+    Returns (results, a markdown body: the paragraph saying what each claim means and whether it holds, the two
+    images and the claims tables, with image paths relative to ``out_dir``)."""
     from vilex.pipeline import ViLexPipeline
-    from toy.claims import TFG_SCALE, claims_table, evaluate_claims
+    from toy.claims import TFG_SCALE, claims_summary, claims_table, evaluate_claims
     from toy.probe import load_probe
 
     out_dir = Path(out_dir)
@@ -60,7 +60,7 @@ def measure_checkpoint(checkpoint: str | Path, decoder: str | Path, probe: str |
     pipe = ViLexPipeline.from_pretrained(checkpoint, decoder_name_or_path=decoder,
                                          device=resolve_device(device, "--device"))
     pipe.set_progress_bar_config(disable=True)
-    counts = [k for k in (1, 4, 16) if k <= pipe.num_tokens]
+    counts = [k for k in (1, 4, 16, 32) if k <= pipe.num_tokens]  # 32 where the pooler makes 32 (claim B)
     results, images = evaluate_claims(pipe, load_probe(probe), test_split, n=n, token_counts=counts,
                                       n_tfg=min(16, n), seed=seed,
                                       tfg_scale=TFG_SCALE if tfg_scale is None else tfg_scale)
@@ -74,7 +74,8 @@ def measure_checkpoint(checkpoint: str | Path, decoder: str | Path, probe: str |
     tfg_png = out_dir / f"{name}_compose.png"
     labelled_grid([images["_tfg_sources"], images["_tfg"], images["_tfg_caption"]],
                   ["source", "tokens + 'on a\n<new> background' TFG", "edited caption\nonly"]).save(tfg_png)
-    body = f"![reconstructions]({recon_png.name})\n\n![compose]({tfg_png.name})\n\n" + claims_table(results)
+    body = (f"{claims_summary(results)}\n\n![reconstructions]({recon_png.name})\n\n![compose]({tfg_png.name})\n\n"
+            + claims_table(results))
     return results, body
 
 

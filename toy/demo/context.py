@@ -31,17 +31,20 @@ class DemoContext:
     options: argparse.Namespace
     artifacts: dict[str, Any] = field(default_factory=dict)
     sections: list[str] = field(default_factory=list)
+    lead: list[str] = field(default_factory=list)
     title: str = "ViLex demo report"
 
-    def add_section(self, markdown: str) -> None:
-        self.sections.append(markdown.strip() + "\n")
+    def add_section(self, markdown: str, lead: bool = False) -> None:
+        """Append a report section; ``lead`` puts it right under the title, before every other section (the
+        shipped run's claims lead the report whichever step measures them)."""
+        (self.lead if lead else self.sections).append(markdown.strip() + "\n")
 
     def write_report(self) -> Path:
         path = self.out / "report.md"
         header = (f"# {self.title}\n\n"
                   f"`vilex demo --out {self.out} --n {self.options.n} --seed {self.options.seed} "
                   f"--size {self.options.size}`\n")
-        path.write_text("\n".join([header, *self.sections]), encoding="utf-8")
+        path.write_text("\n".join([header, *self.lead, *self.sections]), encoding="utf-8")
         return path
 
 

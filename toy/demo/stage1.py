@@ -3,7 +3,8 @@
 * "stage 1 short run": trains ViLex for a few minutes (``--short-steps``) with the SAME trainer and config as
   the shipped run (configs/vilex/toy.yaml), initialised from the toy SigLIP, against the frozen toy decoder,
   on the demo's own toy data — so a user sees the loop work — then measures the claims on held-out scenes.
-* "stage 1 shipped run": the same measurements for the fully trained toy ViLex shipped in assets/toy/vilex.
+* "stage 1 shipped run": the same measurements for the fully trained toy ViLex shipped in assets/toy/vilex; this
+  section leads the report.
 
 Each writes PNGs (originals | ViLex at 1, 4, 16 tokens | coarse caption | fine caption; Text-Free Guidance
 edits) and a metrics table with the claim verdicts (toy/claims.py) into the report. Missing assets give
@@ -30,13 +31,13 @@ ASSETS = Path(os.environ.get("VILEX_TOY_ASSETS", REPO / "assets" / "toy"))
 TOY_CONFIG = REPO / "configs" / "vilex" / "toy.yaml"
 
 
-def evaluate_checkpoint(ctx: DemoContext, checkpoint: Path, name: str, title: str, n: int) -> dict:
-    """Claims on the demo's test split for one checkpoint; PNGs + a report section."""
+def evaluate_checkpoint(ctx: DemoContext, checkpoint: Path, name: str, title: str, n: int, lead: bool = False) -> dict:
+    """Claims on the demo's test split for one checkpoint; PNGs + a report section (``lead``: at the report's top)."""
     results, body = measure_checkpoint(checkpoint, ASSETS / "decoder", ASSETS / "probe",
                                        ctx.artifacts["toy_data"] / "test", ctx.out, name, n, ctx.options.seed)
     shown = repo_relative(checkpoint) or checkpoint
     ctx.add_section(f"## {title}\n\nCheckpoint `{shown}`; {n} held-out test scenes of the demo data.\n\n"
-                    + body)
+                    + body, lead=lead)
     return results
 
 
@@ -101,7 +102,7 @@ def step_shipped_run(ctx: DemoContext) -> None:
     if _missing_assets() or not (shipped / "vilex_config.json").is_file():
         ctx.add_section("## Stage 1: shipped full toy run\n\nNot available: assets/toy/vilex is not shipped in this "
                         "checkout (train it with `vilex pretrain --config configs/vilex/toy.yaml`; "
-                        "see scripts/toy/README.md).")
+                        "see scripts/toy/README.md).", lead=True)
         return
     recipe = shipped / "recipe.json"
     note = ""
@@ -110,5 +111,5 @@ def step_shipped_run(ctx: DemoContext) -> None:
         note = (f" (recipe: {r.get('metrics', {}).get('steps_done', '?')} steps, commit "
                 f"{str(r.get('git_commit'))[:10]}; its own measurements on 128 scenes are in "
                 f"`{repo_relative(shipped) or shipped}/claims.md`)")
-    evaluate_checkpoint(ctx, shipped, "shipped_run", "Stage 1 shipped full run: measurements" + note,
-                        ctx.options.eval_scenes)
+    evaluate_checkpoint(ctx, shipped, "shipped_run", "Stage 1 shipped full run: the claims" + note,
+                        ctx.options.eval_scenes, lead=True)
