@@ -187,6 +187,26 @@ def test_decoder_commitment_of_a_trained_mini_sd_keeps_a_render_noised_to_0_3_an
         sample_images(unet, text_encoder, tokenizer, scheduler, ["a red circle"], latents=latents, strength=0.5)
 
 
+def test_a_fine_caption_fixes_the_3x3_cell_only_where_its_5x5_cell_lies_inside_one():
+    from toy.decoder_gate import cells_a_fine_caption_allows
+    from toy.probe import largest_object
+    from toy.scenes.world import ToyObject, grid3_name
+
+    def allowed(cx, cy):
+        return cells_a_fine_caption_allows(ToyObject("circle", "red", (255, 0, 0), shade=0.0, size=0.1, cx=cx, cy=cy))
+
+    assert allowed(0.1, 0.1) == {"top left"}  # column 1 row 1: inside the top-left third
+    assert allowed(0.5, 0.5) == {"center"}  # column 3 row 3
+    assert allowed(0.3, 0.5) == {"middle left", "center"}  # column 2 straddles the first 3x3 border
+    assert allowed(0.3, 0.7) == {"middle left", "center", "bottom left", "bottom center"}  # column 2 row 4
+    n_open = [len(allowed((c + 0.5) / 5, (r + 0.5) / 5)) for c in range(5) for r in range(5)]
+    assert n_open.count(1) == 9 and n_open.count(2) == 12 and n_open.count(4) == 4
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # the scene's own cell is always among those the caption allows
+        big = largest_object(world.sample_scene(rng))
+        assert grid3_name(big.cx, big.cy) in cells_a_fine_caption_allows(big)
+
+
 def test_decoder_commitment_at_full_strength_is_the_gates_own_sampling(tiny_sd, tmp_path, capsys):
     from toy.decoder_gate import DecoderGateSpec, decoder_quality_gate, load_decoder_folder
 
@@ -202,6 +222,10 @@ def test_decoder_commitment_at_full_strength_is_the_gates_own_sampling(tiny_sd, 
     spec = DecoderGateSpec(probe=probe, n_scenes=8, ddim_steps=4, guidance_scale=3.0)
     gate, _ = decoder_quality_gate(*load_decoder_folder(tiny_sd)[:4], probe, spec, 5, load_decoder_folder(tiny_sd)[4])
     assert result["by_strength"]["1"] == gate["generated"]["all"]
+    placement, fine = gate["generated"]["fine_captions_placement"], gate["generated"]["fine_captions"]
+    assert placement["n"] == fine["n"] == 4 and 0 <= placement["share_whose_5x5_cell_fixes_the_3x3_cell"] <= 1
+    # a sample in the scene's own cell is in a cell the caption allows: the lenient reading is never the lower one
+    assert placement["cell_within_the_captions_5x5_cell"] >= fine["cell_accuracy"]
     assert main(["toy", "decoder-commitment", "--decoder", str(tiny_sd), "--probe", probe, "--strengths", "0"]) == 2
 
 
@@ -233,7 +257,9 @@ def test_the_64px_vilex_config_trains_against_the_mini_sd_and_the_claims_measure
     shipped = tmp_path / "shipped"  # ship-vilex measures against the same decoder and probe
     assert main(["toy", "ship-vilex", "--run", str(run), "--out", str(shipped), "--test-split", str(data / "test"),
                  "--n", "4", "--decoder", str(tiny_sd), "--probe", "assets/toy/probe", "--device", "cpu"]) == 0
-    assert json.loads((shipped / "recipe.json").read_text())["metrics"]["claims"]["n"] == 4
+    shipped_metrics = json.loads((shipped / "recipe.json").read_text())["metrics"]
+    assert shipped_metrics["claims"]["n"] == 4
+    assert (shipped_metrics["decoder"], shipped_metrics["probe"]) == (str(tiny_sd), "assets/toy/probe")
 
 
 def test_a_latent_unet_refuses_coordinate_channels(tmp_path, tiny_vae, toy_tokenizer):

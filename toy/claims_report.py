@@ -132,6 +132,8 @@ def ship_vilex_run(run_dir: str | Path, out: str | Path, decoder: str | Path, pr
         losses = state.get("losses", [])
         k = max(1, len(losses) // 10)
         metrics = {"steps_done": state.get("step"), "checkpoint": str(ckpt),
+                   # what the claims were measured against: a toy ViLex is only meaningful with its decoder
+                   "decoder": repo_relative(decoder) or str(decoder), "probe": repo_relative(probe) or str(probe),
                    "last_invocation": summary.get("this_run"),
                    "loss_first_10pct": sum(losses[:k]) / k if losses else None,
                    "loss_last_10pct": sum(losses[-k:]) / k if losses else None,

@@ -17,7 +17,7 @@ from torch import nn
 
 from toy.decoder_model import encode_prompts
 from toy.placement import placement_test
-from toy.probe import chance_levels, clear_largest, judge, load_probe, summarize
+from toy.probe import CELL_NAMES, chance_levels, clear_largest, judge, largest_object, load_probe, predict, summarize
 from toy.recipe import Stream, images_to_unit_range, render_batch, toy_rng
 from toy.scenes import world
 from toy.tokenizer import load_toy_tokenizer
@@ -121,6 +121,28 @@ def gate_captions(scenes: Sequence[world.Scene]) -> list[str]:
     return [world.caption_coarse(s) if i % 2 == 0 else world.caption_fine(s) for i, s in enumerate(scenes)]
 
 
+def cells_a_fine_caption_allows(obj: world.ToyObject) -> set[str]:
+    """The 3×3 cells (probe label names) a fine caption leaves open for ``obj``: its "column c row r" names a 5×5
+    cell, which lies inside one 3×3 cell or straddles two (or four) of them."""
+    col, row = world.grid5_cell(obj.cx, obj.cy)
+
+    def thirds(k: int) -> set[int]:
+        lo, hi = (k - 1) / world.GRID5, k / world.GRID5
+        return {min(int(x * 3), 2) for x in (lo + 1e-9, hi - 1e-9)}
+
+    return {CELL_NAMES[r * 3 + c] for r in thirds(row) for c in thirds(col)}
+
+
+def fine_caption_placement(probe: Any, images: torch.Tensor, scenes: Sequence[world.Scene]) -> dict[str, float]:
+    """For samples of fine captions: how often the probe's 3×3 cell of the largest object is one the caption allows,
+    next to the strict cell accuracy (the scene's own 3×3 cell, which a straddling 5×5 cell does not fix)."""
+    cells = predict(probe, images)["cell"]
+    allowed = [cells_a_fine_caption_allows(largest_object(s)) for s in scenes]
+    return {"cell_within_the_captions_5x5_cell": round(float(np.mean([c in a for c, a in zip(cells, allowed)])), 4),
+            "share_whose_5x5_cell_fixes_the_3x3_cell": round(float(np.mean([len(a) == 1 for a in allowed])), 4),
+            "n": len(scenes)}
+
+
 def decoder_quality_gate(unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, noise_scheduler: Any,
                          probe_dir: str | Path, spec: DecoderGateSpec, seed: int, latents: Any = None
                          ) -> tuple[dict[str, Any], Any]:
@@ -146,7 +168,10 @@ def decoder_quality_gate(unet: nn.Module, text_encoder: nn.Module, tokenizer: An
     metrics = {
         "passed": not failed, "thresholds": dict(spec.thresholds), "below_threshold": failed,
         "generated": {"all": overall, "coarse_captions": summarize(generated, coarse),
-                      "fine_captions": summarize(generated, ~coarse)},
+                      "fine_captions": summarize(generated, ~coarse),
+                      # a diagnostic beside the gate, which judges every caption by the scene's own 3×3 cell
+                      "fine_captions_placement": fine_caption_placement(
+                          probe, images[torch.from_numpy(~coarse)], [s for s, c in zip(scenes, coarse) if not c])},
         "probe_on_real_renders": summarize(real),
         "placement": placement,  # does E[x0 | caption] put the object where its position words say? (placement.py)
         "chance": chance_levels(probe.labels),
