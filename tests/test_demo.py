@@ -50,17 +50,23 @@ def test_demo_end_to_end_with_stand_in_assets(tmp_path):
     table_rows = [l for l in report.splitlines() if l.startswith("| ViLex, ")]
     assert len(table_rows) == 3 and all(len(r.split("|")) == 12 for r in table_rows)
     # stage 2: the short VLM run (no VLM is shipped in the stand-in assets) on all six toy tasks, via lmms-eval
+    # one row per task in the scores table, and again in the CI table beneath it (results.md's own sections)
     suite_rows = [l for l in report.splitlines() if l.startswith("| vilex_toy_")]
-    assert len(suite_rows) == 6 and "siglip_demo_short_run" in report
+    assert len({r.split("|")[1].strip() for r in suite_rows}) == 6 and "siglip_demo_short_run" in report
     assert (out / "toy_suite" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the short run, shipped as the toy ViLex asset would be: pipeline folder + claims + recipe
     shipped = tmp_path / "shipped"
     _vilex("toy", "ship-vilex", "--run", str(out / "vilex_short"), "--out", str(shipped), "--n", "4",
-           "--test-split", str(out / "data" / "test"), "--assets", str(assets))
+           "--test-split", str(out / "data" / "test"), "--assets", str(assets), "--feature-probe-scenes", "60")
     recipe = json.loads((shipped / "recipe.json").read_text())
     assert recipe["asset"] == "vilex" and recipe["metrics"]["steps_done"] == 3
     assert recipe["metrics"]["claims"]["n"] == 4 and recipe["config"]["train"]["max_steps"] == 3
     assert recipe["metrics"]["last_invocation"]["from_step"] == 0
     assert (shipped / "vilex_config.json").is_file() and "| claim | holds |" in (shipped / "claims.md").read_text()
+    # the trained ViT and its initialisation probed on the same 60 + 20 held-out scenes, side by side
+    probes = recipe["metrics"]["feature_probe"]
+    assert (probes["n_train"], probes["n_test"]) == (60, 20) and set(probes["vilex_vit"]) == set(probes["init_vit"])
+    assert all(0 <= probes[t]["count"]["tokens"] <= 1 for t in ("vilex_vit", "init_vit"))
+    assert "| target | vilex_vit | init | majority |" in (shipped / "claims.md").read_text()
     assert (shipped / "shipped_reconstructions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -121,11 +121,10 @@ ALLOWED: dict[str, str] = {
     "vilex toy pretrain-siglip --config configs/toy/siglip_web.yaml --out assets/toy/siglip_web": _STAGE0 + " (~40 min)",
     "vilex toy pretrain-decoder --config configs/toy/decoder.yaml --out assets/toy/decoder --resume auto":
         _STAGE0 + " (the resume of a killed decoder run)",
-    "vilex toy decoder-commitment --decoder runs/toy/sd_asset --strengths 0.5 0.7 0.85 1.0":
-        "needs a trained mini SD (a run folder, not shipped; minutes of sampling); tests/test_toy_sd.py runs it on a "
-        "stand-in and on the committed warm start",
+    "vilex toy decoder-commitment --decoder checkpoints/toy/sd --strengths 0.5 0.7 0.85 1.0":
+        "minutes of sampling from the committed mini SD; tests/test_toy_sd.py runs it on a stand-in and on that SD",
     "vilex toy claims --checkpoint runs/toy/vilex_64 --test-split runs/toy/vilex_data_64/test --out "
-    "runs/toy/claims_64 --decoder runs/toy/sd_asset --probe assets/toy/probe_64":
+    "runs/toy/claims_64 --decoder checkpoints/toy/sd --probe assets/toy/probe_64":
         "needs the 64-px ViLex run against a mini SD that passed its gate; tests/test_toy_sd.py runs it on stand-ins",
     "vilex toy ship-vilex --run runs/toy/vilex --out assets/toy/vilex --n 128":
         "needs the finished toy ViLex run (80 min on CPU) and writes the shipped asset",

@@ -9,6 +9,7 @@ caption) and ``<name>_compose.png`` (Text-Free Guidance background edits). ``shi
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 
 from vilex.errors import UserError
 from vilex.train.distributed import resolve_device
+
+log = logging.getLogger(__name__)
 
 
 def labelled_grid(columns: list[torch.Tensor], titles: list[str], rows: int = 8, scale: int = 3):
@@ -99,19 +102,39 @@ def repo_relative_references(config_path: Path, root: Path = REPO_ROOT) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def _probe_vit_and_init(pipeline_dir: Path, n_train: int) -> dict[str, Any] | None:
+    """Feature probes of ``pipeline_dir/vit`` and of the tower it was initialised from (None when that is gone)."""
+    from toy.feature_probe import compare_towers
+
+    init = json.loads((pipeline_dir / "vilex_config.json").read_text())["vit"]["name_or_path"]
+    folder = Path(init) if Path(init).is_absolute() else REPO_ROOT / init  # shipped references are repo-relative
+    if not (folder / "config.json").is_file():
+        log.warning("feature probe skipped: the ViT's initialisation %s is not a local folder", init)
+        return None
+    n_test = max(1, n_train // 3)
+    results = compare_towers({"vilex_vit": pipeline_dir / "vit", "init_vit": folder}, n_train, n_test)
+    return {"init": init, "n_train": n_train, "n_test": n_test, **results}
+
+
 def ship_vilex_run(run_dir: str | Path, out: str | Path, decoder: str | Path, probe: str | Path,
                    test_split: str | Path, n: int, seed: int = 0, device: str = "auto", note: str | None = None,
-                   tfg_scale: float | None = None) -> dict[str, Any]:
+                   tfg_scale: float | None = None, feature_probe_scenes: int = 1500) -> dict[str, Any]:
     """Copy the last checkpoint's ``pipeline/`` of a ``vilex pretrain`` run to ``out`` with its measurements, made
     against ``decoder`` (the frozen decoder it was trained against) and judged by ``probe``.
 
     ``out`` gets the pipeline folder (vit/, pooler/, vilex_config.json), ``claims.md``, the claims PNGs and
-    ``recipe.json`` (the run's config, seed, commit, steps, wall time and the claims)."""
+    ``recipe.json`` (the run's config, seed, commit, steps, wall time and the claims). Unless
+    ``feature_probe_scenes`` is 0, linear probes fitted on that many held-out scenes (scored on a third as many
+    more) compare the trained ViT's features with its initialisation's (toy/feature_probe.py): what stage 1 taught
+    the ViT."""
     import yaml
 
     from vilex.checkpoint import CheckpointManager, atomic_dir, write_manifest
+    from toy.feature_probe import probe_table
     from toy.recipe import write_recipe
 
+    if feature_probe_scenes < 0:
+        raise UserError(f"feature_probe_scenes must be >= 0 (0 skips the probes), got {feature_probe_scenes}")
     run_dir = Path(run_dir)
     ckpt = CheckpointManager(run_dir / "checkpoints").resolve("auto")
     if ckpt is None or not (ckpt / "pipeline" / "vilex_config.json").is_file():
@@ -127,6 +150,12 @@ def ship_vilex_run(run_dir: str | Path, out: str | Path, decoder: str | Path, pr
         write_manifest(tmp)  # the copied manifest describes the config before its references were rewritten
         results, body = measure_checkpoint(tmp, decoder, probe, test_split, tmp, "shipped", n, seed, device,
                                            tfg_scale)
+        probes = _probe_vit_and_init(tmp, feature_probe_scenes) if feature_probe_scenes else None
+        if probes is not None:
+            body += ("\n\n## What stage 1 taught the ViT\n\nLinear probes (accuracy on held-out scenes) of the "
+                     "ViT's final patch features, all patches side by side, after ViLex training and at its "
+                     f"initialisation `{probes['init']}`:\n\n"
+                     + probe_table({"vilex_vit": probes["vilex_vit"], "init": probes["init_vit"]}))
         (tmp / "claims.md").write_text(f"# Toy ViLex ({ckpt.name}): claims on {n} held-out scenes of "
                                        f"`{test_split}`\n\n{body}")
         losses = state.get("losses", [])
@@ -138,6 +167,8 @@ def ship_vilex_run(run_dir: str | Path, out: str | Path, decoder: str | Path, pr
                    "loss_first_10pct": sum(losses[:k]) / k if losses else None,
                    "loss_last_10pct": sum(losses[-k:]) / k if losses else None,
                    "claims": results, "claims_minutes": round((time.time() - started) / 60, 2)}
+        if probes is not None:
+            metrics["feature_probe"] = probes
         if note:
             metrics["note"] = note
         wall = (summary.get("this_run") or {}).get("loop_seconds") or 0.0

@@ -315,6 +315,9 @@ def _ship_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tfg-scale", type=float, default=None,
                    help="w of the Text-Free Guidance edit (claim D); default toy.claims.TFG_SCALE")
     p.add_argument("--note", default=None, help="a line for the recipe: how the run was made, if not plainly")
+    p.add_argument("--feature-probe-scenes", type=int, default=1500,
+                   help="held-out scenes that fit the linear probes comparing the trained ViT's features with its "
+                        "initialisation's (scored on a third as many more; 0 skips them; default 1500)")
 
 
 @command("ship-vilex", help="ship a finished toy `vilex pretrain` run as assets/toy/vilex, with its claims",
@@ -324,7 +327,7 @@ def _ship_vilex(args: argparse.Namespace) -> int:
 
     decoder, probe = _decoder_and_probe(args)
     metrics = ship_vilex_run(args.run, args.out, decoder, probe, args.test_split, args.n, args.seed, args.device,
-                             args.note, args.tfg_scale)
+                             args.note, args.tfg_scale, args.feature_probe_scenes)
     print(json.dumps({"steps_done": metrics["steps_done"], "verdicts": metrics["claims"]["verdicts"]}, indent=2))
     return 0
 

@@ -93,3 +93,12 @@ def probe_table(results: dict[str, dict[str, Any]], pooling: str = "tokens") -> 
         row = [f"{results[t][target][pooling]:.3f}" for t in towers]
         lines.append(f"| {target} | {' | '.join(row)} | {results[towers[0]][target]['majority']:.3f} |")
     return "\n".join(lines)
+
+
+def compare_towers(towers: dict[str, Any], n_train: int = 1500, n_test: int = 500,
+                   seed: int = 7) -> dict[str, dict[str, Any]]:
+    """``probe_tower`` for each ``SiglipVisionModel`` folder of ``towers`` (name -> folder), on the same scenes."""
+    from transformers import SiglipVisionModel
+
+    return {name: probe_tower(SiglipVisionModel.from_pretrained(str(folder)), seed, n_train, n_test)
+            for name, folder in towers.items()}
