@@ -142,6 +142,33 @@ def test_the_default_document_stream_is_the_shipped_llms():
     assert hashlib.sha256(json.dumps(docs).encode()).hexdigest()[:16] == "9055027b60347a4c"
 
 
+def test_single_object_curriculum_covers_its_steps_only(tmp_path):
+    """The curriculum's steps draw one-object scenes (a caption with one shape); later steps the full world, the
+    same documents as without the option; the tokenizer's corpus ignores it."""
+    import dataclasses
+
+    from toy.pretrain_llm import LLMDataSpec, LLMPretrainConfig, build_toy_llm_tokenizer, step_documents
+    from toy.scenes import world
+
+    spec = LLMDataSpec(single_object_steps=2, caption_chat_prob=0.0)
+
+    def shape_words(doc):
+        text = doc if isinstance(doc, str) else doc[0]["content"].split("\n")[0]
+        return sum(text.count(f" {s}") for s in world.SHAPES)
+
+    early = [d for step in (0, 1) for d in step_documents(0, step, 24, spec)]
+    assert early and all(shape_words(d) == 1 for d in early)
+    plain = dataclasses.replace(spec, single_object_steps=0)
+    late = step_documents(0, 2, 24, spec)
+    assert late == step_documents(0, 2, 24, plain) and max(shape_words(d) for d in late) >= 2
+    cfg = LLMPretrainConfig(data=spec)
+    cfg.tokenizer.corpus_steps = 2
+    base = LLMPretrainConfig(data=plain)
+    base.tokenizer.corpus_steps = 2
+    vocab = build_toy_llm_tokenizer(cfg, tmp_path / "a").get_vocab()
+    assert vocab == build_toy_llm_tokenizer(base, tmp_path / "b").get_vocab()
+
+
 def test_llm_qa_cli_reports_each_context(tiny_llm, capsys):
     from toy.cli import LLM_QA_CONTEXTS
     from toy.pretrain_llm import QA_CONTEXTS

@@ -32,6 +32,7 @@ at the end of an assistant turn.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -95,6 +96,9 @@ class LLMDataSpec:
     both_context_prob: float = cfg_field(0.0, ge=0, le=1, help="QA context: fine and coarse caption together "
                                          "(drawn first; else fine_context_prob decides)")
     caption_chat_prob: float = cfg_field(0.3, ge=0, le=1, help="a ChatML caption-request document per scene")
+    single_object_steps: int = cfg_field(
+        0, ge=0, help="a curriculum: the first this many steps draw one-object scenes only, whose caption holds a "
+                      "single shape and position, so an answer is copied before it must be matched to its object")
 
 
 @dataclass
@@ -147,11 +151,13 @@ def scene_documents(scene: world.Scene, rng: np.random.Generator, spec: LLMDataS
 
 
 def step_documents(seed: int, step: int, scenes: int, spec: LLMDataSpec) -> list[Document]:
-    """Documents of the ``scenes`` scenes of training step ``step`` (a pure function of seed and step)."""
+    """Documents of the ``scenes`` scenes of training step ``step`` (a pure function of seed and step); during the
+    ``single_object_steps`` curriculum the scenes hold one object each."""
     rng = toy_rng(seed, Stream.TRAIN, step)
+    max_objects = 1 if step < spec.single_object_steps else 3
     docs: list[Document] = []
     for _ in range(scenes):
-        docs += scene_documents(world.sample_scene(rng), rng, spec)
+        docs += scene_documents(world.sample_scene(rng, max_objects=max_objects), rng, spec)
     return docs
 
 
@@ -171,8 +177,10 @@ def build_toy_llm_tokenizer(cfg: LLMPretrainConfig, folder: str | Path) -> Any:
     from vlm.tiny import build_tiny_tokenizer
 
     render = _template_renderer()
+    # the merges see the full world's text, not the curriculum's one-object captions
+    data = dataclasses.replace(cfg.data, single_object_steps=0)
     corpus = [d if isinstance(d, str) else render(d)
-              for s in range(cfg.tokenizer.corpus_steps) for d in step_documents(cfg.seed, s, cfg.train.global_batch_size, cfg.data)]
+              for s in range(cfg.tokenizer.corpus_steps) for d in step_documents(cfg.seed, s, cfg.train.global_batch_size, data)]
     tok = build_tiny_tokenizer(folder, vocab_size=cfg.tokenizer.vocab_size, corpus=corpus)
     probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]
     if tok.apply_chat_template(probe, tokenize=False) != render(probe):

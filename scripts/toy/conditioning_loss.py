@@ -1,0 +1,81 @@
+"""How much a conditioning tells the frozen decoder, per noise level: its denoising loss on held-out scenes.
+
+ViLex trains its tokens by the frozen decoder's denoising loss, so the first question about a checkpoint whose
+samples disappoint is whether its tokens lower that loss at all, and where: against the empty prompt (what the
+decoder knows with no conditioning) and the scenes' own captions (what words give it). Every conditioning sees the
+same images, noise and timesteps, so the differences are paired. The loss is the decoder's training target (ε, v or
+flow), averaged per timestep band.
+
+    python scripts/toy/conditioning_loss.py --checkpoint runs/toy/vilex_64 --decoder checkpoints/toy/sd \
+        --split runs/toy/vilex_data_64/val --n 128 --tokens 1 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def band_losses(decoder, x0: torch.Tensor, conds: dict[str, torch.Tensor], bands: list[tuple[int, int]],
+                repeats: int, seed: int) -> dict[str, dict[str, float]]:
+    """{conditioning: {"lo-hi": mean loss}}: ``repeats`` draws of (noise, t uniform in the band) per image."""
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, dict[str, float]] = {name: {} for name in conds}
+    for lo, hi in bands:
+        sums = {name: 0.0 for name in conds}
+        for _ in range(repeats):
+            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(lo, hi, (x0.shape[0],), generator=gen)
+            x_t = decoder.scheduler.add_noise(x0, noise, t)
+            target = decoder.target(x0, noise, t)
+            for name, cond in conds.items():
+                sums[name] += float((decoder.predict(x_t, t, cond) - target).pow(2).mean())
+        for name in conds:
+            out[name][f"{lo}-{hi}"] = round(sums[name] / repeats, 5)
+    return out
+
+
+def main() -> None:
+    from toy.claims import load_test_scenes
+    from toy.scenes import world
+    from vilex.pipeline import ViLexPipeline
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="a ViLex run or pipeline folder")
+    ap.add_argument("--decoder", required=True, help="the frozen decoder it was trained against")
+    ap.add_argument("--split", required=True, help="a generated toy split (use val)")
+    ap.add_argument("--n", type=int, default=128)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--bands", type=int, nargs="+", default=[0, 200, 400, 600, 800, 1000],
+                    help="timestep band edges")
+    ap.add_argument("--repeats", type=int, default=2, help="noise draws per image and band")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
+    args = ap.parse_args()
+
+    pipe = ViLexPipeline.from_pretrained(args.checkpoint, decoder_name_or_path=args.decoder, device="cpu")
+    decoder = pipe.decoder
+    images, _, scenes, _ = load_test_scenes(args.split, args.n)
+    x0 = decoder.to_model_space(images * 2 - 1)
+    captions = {"caption_coarse": [world.caption_coarse(s) for s in scenes],
+                "caption_fine": [world.caption_fine(s) for s in scenes]}
+    conds = {"empty": decoder.unconditional(len(scenes))}
+    conds.update({name: decoder.encode_text(None, None, decoder.tokenize(text)) for name, text in captions.items()})
+    tokens = pipe.encode(images)
+    conds.update({f"vilex_{m}": decoder.encode_text(tokens[:, :m]) for m in args.tokens})
+    bands = list(zip(args.bands[:-1], args.bands[1:]))
+    table = band_losses(decoder, x0, conds, bands, args.repeats, args.seed)
+    print("| conditioning | " + " | ".join(f"t {b}" for b in table["empty"]) + " |")
+    print("|---|" + "---:|" * len(bands))
+    for name, row in table.items():
+        print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in row.values()) + " |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"n": len(scenes), "split": args.split, "loss": table}, indent=1))
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
