@@ -7,7 +7,7 @@
     vilex eval prepare --check DIR                                 verify a cache made elsewhere; relink it if moved
     vilex eval mirror --suite SWEEP.yaml --out DIR [--rows N]      schema-faithful local stand-ins of every task
     vilex eval report RUN_DIR [--baseline LABEL] [--compare A B]  results.csv, results.md (CIs, paired
-                                                                  differences, seeds), results.png
+                                                                  differences, seeds), results.png, paired.json
     vilex eval toy-tasks --split DIR/test --out TASKS_DIR          materialise the toy suite for --include_path
 
 One top-level command with optional actions (not a command group) so the sweep itself stays ``vilex eval --config``
@@ -74,8 +74,9 @@ def _configure(p: argparse.ArgumentParser) -> None:
     rep.add_argument("--baseline", default=None, help="model label for the delta columns (default: the sweep's)")
     rep.add_argument("--out", type=Path, default=None, help="where to write (default: RUN_DIR)")
     rep.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
-                     help="paired per-doc difference B − A with a bootstrap CI, per task (repeatable; the baseline "
-                          "against each other model is always added)")
+                     help="paired per-doc difference B − A with a bootstrap CI, per task, and whether B ≥ A on "
+                          "every task and better on two (repeatable; a model, or NAME of NAME_seed<k> models: the "
+                          "seeds' per-doc mean; the baseline against each other model is always added)")
     toy = actions.add_parser("toy-tasks", help="write the toy-world lmms-eval tasks for --include_path")
     toy.add_argument("--split", type=Path, required=True, help="a toy split folder, e.g. DIR/test")
     toy.add_argument("--out", type=Path, required=True)

@@ -23,7 +23,13 @@ without a result are counted in the log, never silently dropped. Below that tabl
   the row says why (CIDEr is computed over the whole corpus; a doc logged twice means several filters). The toy QA
   suite has one task per question type, so its rows already are the per-type differences.
 * **Across seeds**: models labelled ``NAME_seed<k>`` (two or more seeds of one NAME) are a group; per task the
-  mean ± sample std (ddof 1) of their headline scores and how many seeds had one.
+  mean ± sample std (ddof 1) of their headline scores and how many seeds had one. ``--compare`` takes a group's NAME
+  too: its per-doc value is the mean over its seeds (on the docs every seed logged), so the bootstrap resamples
+  questions with the seeds averaged in.
+* **Verdict per compared pair**: whether B ≥ A on every task that has a paired difference (mean Δ ≥ 0) and B > A on
+  at least ``MIN_BETTER_TASKS`` of them with the CI excluding 0: the paper's claim C, read with B = the ViLex-trained
+  tower and A = its SigLIP init. Tasks without per-doc scores (CIDEr) are listed as not compared. ``paired.json`` has
+  every compared pair's rows and verdict.
 
 A pair that ran on ``vilex eval mirror`` data (``"mirror": true`` in sweep.json or its result.json) is labelled
 everywhere: the CSV's ``mirror`` column, ``TASK [MIRROR]`` in the table and the plot (``TASK (mirror)`` in the
@@ -52,6 +58,7 @@ BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 SEED_LABEL = re.compile(r"^(?P<name>.+)_seed(?P<seed>\d+)$")
 SAMPLES_FILE = "samples.jsonl"
+MIN_BETTER_TASKS = 2  # the verdict's "better on at least two tasks" (claim C)
 
 
 def headline_metric(result: dict[str, Any], override: str | None = None) -> str:
@@ -248,6 +255,62 @@ def seed_groups(models: list[str]) -> dict[str, list[str]]:
     return {name: ms for name, ms in groups.items() if len(ms) >= 2}
 
 
+def group_rows(rows: list[dict[str, Any]], groups: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """One row per (seed group, task), as ``collect``'s: the score is the mean of the seeds' scores, the per-doc
+    values the mean over the seeds on the docs every seed logged (so a paired comparison of two groups resamples
+    questions with the seeds averaged in). A seed without a score or per-doc log leaves the group without one."""
+    by = {(r["model"], r["task"]): r for r in rows}
+    out = []
+    for name, members in groups.items():
+        for task in dict.fromkeys(r["task"] for r in rows):
+            seeds = [by.get((m, task)) for m in members]
+            row = {"model": name, "task": task, "metric": "", "score": math.nan, "stderr": None, "ci_low": None,
+                   "ci_high": None, "status": "done", "error": "", "mirror": any(r and r["mirror"] for r in seeds)}
+            missing = [m for m, r in zip(members, seeds) if r is None or math.isnan(r["score"])]
+            metrics = {r["metric"] for r in seeds if r is not None}
+            if missing:
+                row["_per_doc"] = (None, f"no score for {', '.join(missing)}")
+            elif len(metrics) > 1:
+                row["_per_doc"] = (None, f"the seeds' headline metrics differ ({', '.join(sorted(metrics))})")
+            else:
+                row["metric"], row["score"] = metrics.pop(), statistics.fmean(r["score"] for r in seeds)
+                per_doc = [r["_per_doc"] for r in seeds]
+                lacking = next((why for values, why in per_doc if values is None), None)
+                if lacking is not None:
+                    row["_per_doc"] = (None, lacking)
+                else:
+                    common = [d for d in per_doc[0][0] if all(d in values for values, _ in per_doc)]
+                    row["_per_doc"] = ({d: statistics.fmean(values[d] for values, _ in per_doc) for d in common},
+                                       "")
+            out.append(row)
+    return out
+
+
+def dominance_verdict(entries: list[dict[str, Any]], min_better: int = MIN_BETTER_TASKS) -> dict[str, Any]:
+    """Whether B ≥ A on every task with a paired difference and B > A (CI excluding 0) on at least ``min_better``;
+    ``entries``: ``paired_rows``' rows of B − A."""
+    compared = [e for e in entries if "diff" in e]
+    verdict = {"compared": [e["task"] for e in compared],
+               "better": [e["task"] for e in compared if e["ci_low"] > 0],
+               "lower_mean": [e["task"] for e in compared if e["diff"] < 0],
+               "worse": [e["task"] for e in compared if e["ci_high"] < 0],
+               "not_compared": {e["task"]: e["note"] for e in entries if "diff" not in e},
+               "min_better": min_better}
+    verdict["holds"] = bool(compared) and not verdict["lower_mean"] and len(verdict["better"]) >= min_better
+    return verdict
+
+
+def _verdict_line(a: str, b: str, v: dict[str, Any]) -> str:
+    listed = lambda names: ", ".join(names) or "none"  # noqa: E731
+    text = (f"**{b} ≥ {a} on every compared task and better on at least {v['min_better']} (95% CI excluding 0): "
+            f"{'holds' if v['holds'] else 'does not hold'}.** Compared: {len(v['compared'])} task(s); better: "
+            f"{listed(v['better'])}; mean below {a}: {listed(v['lower_mean'])}; worse (CI excluding 0): "
+            f"{listed(v['worse'])}.")
+    if v["not_compared"]:
+        text += " Not compared: " + "; ".join(f"{t} ({why})" for t, why in v["not_compared"].items()) + "."
+    return text
+
+
 def write_report(run_dir: str | Path, baseline: str | None = None, out_dir: str | Path | None = None,
                  compare: list[tuple[str, str]] | None = None) -> dict[str, Path]:
     """Write results.csv / results.md / results.png into ``out_dir`` (default RUN_DIR); returns their paths.
@@ -261,11 +324,13 @@ def write_report(run_dir: str | Path, baseline: str | None = None, out_dir: str 
     baseline = baseline or config.get("baseline")
     if baseline is not None and baseline not in models:
         raise UserError(f"baseline {baseline!r} is not a model of this sweep: {models}")
+    groups = seed_groups(models)
     for pair in compare or []:
-        unknown = [m for m in pair if m not in models]
+        unknown = [m for m in pair if m not in models and m not in groups]
         if unknown:
+            names = f"{models}" + (f" or a seed group: {list(groups)}" if groups else "")
             raise UserError(f"--compare {' '.join(pair)}: {', '.join(map(repr, unknown))} not a model of this sweep: "
-                            f"{models}")
+                            f"{names}")
     score = {(r["model"], r["task"]): r["score"] for r in rows}
     by = {(r["model"], r["task"]): r for r in rows}
     metric = {r["task"]: r["metric"] for r in rows if r["metric"]}
@@ -317,23 +382,32 @@ def write_report(run_dir: str | Path, baseline: str | None = None, out_dir: str 
         lines.append("| " + " | ".join([sub[t], metric.get(t, ""), *cells]) + " |")
 
     pairs = list(dict.fromkeys([*(tuple(p) for p in compare or []), *((baseline, m) for m in others)]))
+    paired_json = []
     if pairs:
+        comparable = rows + group_rows(rows, {g: ms for g, ms in groups.items()
+                                              if any(g in p for p in pairs)})
         lines += ["", "## Paired differences (per doc, same doc ids)", "",
                   (f"Δ = mean over the docs both models answered of (B's per-doc score − A's); 95% CI: percentile "
                    f"bootstrap over docs ({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}). A CI that excludes "
                    "0 is a difference these questions resolve.")]
         for a, b in pairs:
-            lines += ["", f"### {b} − {a}", "",
+            seeds = [f"{m}: mean of {len(groups[m])} seeds" for m in (a, b) if m in groups]
+            entries = paired_rows(comparable, a, b, tasks)
+            verdict = dominance_verdict(entries)
+            paired_json.append({"a": a, "b": b, "rows": entries, "verdict": verdict})
+            lines += ["", f"### {b} − {a}" + (f" ({'; '.join(seeds)})" if seeds else ""), "",
                       f"| task | metric | n docs | {a} | {b} | Δ | 95% CI | note |", "|" + "---|" * 8]
-            for e in paired_rows(rows, a, b, tasks):
+            for e in entries:
                 if "diff" in e:
                     cells = [str(e["n"]), _fmt(e["mean_a"]), _fmt(e["mean_b"]), _signed(e["diff"]),
                              f"[{_signed(e['ci_low'])}, {_signed(e['ci_high'])}]"]
                 else:
                     cells = [str(e["n"]) if e["n"] else "—", "", "", "n/a", "n/a"]
                 lines.append("| " + " | ".join([sub[e["task"]], e["metric"], *cells, e["note"]]) + " |")
+            lines += ["", _verdict_line(a, b, verdict)]
+        paths["paired"] = out / "paired.json"
+        paths["paired"].write_text(json.dumps(paired_json, indent=1) + "\n")
 
-    groups = seed_groups(models)
     if groups:
         lines += ["", "## Across seeds", "",
                   ("Models labelled NAME_seed<k>: mean ± std (sample std, ddof 1) of the headline score over the "

@@ -224,3 +224,74 @@ def test_spread_across_seeds(tmp_path):
     assert _section((tmp_path / "results.md").read_text(), "## Across seeds") == [
         "| task | metric | vilex (3 seeds) | siglip (2 seeds) |", "|---|---|---|---|",
         "| colour | exact_match | 0.6 ± 0.1 (n=3) | 0.5 ± 0.3536 (n=2) |"]
+
+
+def test_compare_seed_groups_averages_the_seeds_per_doc(tmp_path, capsys):
+    """--compare takes a seed group's name: per doc, the mean over its seeds on the docs every seed logged."""
+    s0, s1 = [1, 0, 1, 0, 0, 1], [1, 1, 0, 0, 0, 1, 1]  # seed 1 logged one doc more: unmatched, left out
+    v0, v1 = [1, 1, 1, 0, 1, 1], [1, 1, 1, 1, 0, 1]
+    _sweep(tmp_path, [
+        ("siglip_seed0", "colour", {"exact_match,none": 0.5}, MEAN_EM, _em(s0)),
+        ("siglip_seed1", "colour", {"exact_match,none": 4 / 7}, MEAN_EM, _em(s1)),
+        ("vilex_seed0", "colour", {"exact_match,none": 5 / 6}, MEAN_EM, _em(v0)),
+        ("vilex_seed1", "colour", {"exact_match,none": 5 / 6}, MEAN_EM, _em(v1)),
+    ])
+    assert main(["eval", "report", str(tmp_path), "--compare", "siglip", "vilex"]) == 0
+    capsys.readouterr()
+    diffs = [(v0[i] + v1[i]) / 2 - (s0[i] + s1[i]) / 2 for i in range(6)]
+    mean, low, high = _bootstrap_reference(diffs)
+    md = (tmp_path / "results.md").read_text()
+    lines = md.splitlines()
+    title = "### vilex − siglip (siglip: mean of 2 seeds; vilex: mean of 2 seeds)"
+    table = [line for line in lines[lines.index(title):] if line.startswith("|")]
+    mean_a, mean_b = sum(s0[i] + s1[i] for i in range(6)) / 12, sum(v0[i] + v1[i] for i in range(6)) / 12
+    assert table[2] == (f"| colour | exact_match | 6 | {mean_a:.4g} | {mean_b:.4g} | +{mean:.4g} | "
+                        f"[{low:+.4g}, +{high:.4g}] |  |")
+    paired = json.loads((tmp_path / "paired.json").read_text())
+    assert [(p["a"], p["b"]) for p in paired] == [("siglip", "vilex")]
+    assert paired[0]["rows"][0]["n"] == 6 and paired[0]["rows"][0]["diff"] == pytest.approx(mean)
+    # a group one of whose seeds has no per-doc log cannot be paired, and says why
+    (tmp_path / "results" / "vilex_seed1" / "colour" / "k" / "samples.jsonl").unlink()
+    assert main(["eval", "report", str(tmp_path), "--compare", "siglip", "vilex"]) == 0
+    capsys.readouterr()
+    assert "| colour | exact_match | — |  |  | n/a | n/a | no per-doc log (samples.jsonl) |" in \
+        (tmp_path / "results.md").read_text()
+    assert main(["eval", "report", str(tmp_path), "--compare", "siglip", "nope"]) == 2
+    assert "or a seed group: ['siglip', 'vilex']" in capsys.readouterr().err
+
+
+def test_dominance_verdict_is_claim_c():
+    """B ≥ A on every compared task (mean) and better, CI excluding 0, on at least two; tasks without per-doc
+    scores are listed, not counted."""
+    from benchmarks.report import dominance_verdict
+
+    def e(task, diff, low, high):
+        return {"task": task, "diff": diff, "ci_low": low, "ci_high": high, "note": ""}
+
+    cap = {"task": "cap", "note": "no per-doc cider score", "n": 0}
+    holds = dominance_verdict([e("colour", 0.1, 0.02, 0.2), e("shape", 0.2, 0.1, 0.3), e("count", 0.0, -0.05, 0.05),
+                               cap])
+    assert holds["holds"] and holds["better"] == ["colour", "shape"] and holds["not_compared"] == {
+        "cap": "no per-doc cider score"}
+    one_better = dominance_verdict([e("colour", 0.1, 0.02, 0.2), e("shape", 0.05, -0.01, 0.1)])
+    assert not one_better["holds"] and one_better["better"] == ["colour"]
+    # a lower mean anywhere breaks "≥ on every task", even inside its CI
+    dip = dominance_verdict([e("colour", 0.1, 0.02, 0.2), e("shape", 0.2, 0.1, 0.3), e("count", -0.01, -0.05, 0.03)])
+    assert not dip["holds"] and dip["lower_mean"] == ["count"] and dip["worse"] == []
+    assert not dominance_verdict([cap])["holds"]  # nothing compared holds nothing
+    assert dominance_verdict([e("colour", 0.1, 0.02, 0.2)], min_better=1)["holds"]
+
+
+def test_verdict_line_in_the_report(tmp_path, capsys):
+    _sweep(tmp_path, [
+        ("siglip", "colour", {"exact_match,none": 0.25}, MEAN_EM, _em([0, 1, 0, 0] * 10)),
+        ("vilex", "colour", {"exact_match,none": 1.0}, MEAN_EM, _em([1, 1, 1, 1] * 10)),
+        ("siglip", "shape", {"exact_match,none": 0.25}, MEAN_EM, _em([1, 0, 0, 0] * 10)),
+        ("vilex", "shape", {"exact_match,none": 0.75}, MEAN_EM, _em([1, 1, 1, 0] * 10)),
+    ])
+    assert main(["eval", "report", str(tmp_path), "--compare", "siglip", "vilex"]) == 0
+    capsys.readouterr()
+    md = (tmp_path / "results.md").read_text()
+    assert ("**vilex ≥ siglip on every compared task and better on at least 2 (95% CI excluding 0): holds.** "
+            "Compared: 2 task(s); better: colour, shape; mean below siglip: none; worse (CI excluding 0): none.") in md
+    assert json.loads((tmp_path / "paired.json").read_text())[0]["verdict"]["holds"] is True
