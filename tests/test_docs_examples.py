@@ -126,6 +126,18 @@ ALLOWED: dict[str, str] = {
     "vilex toy claims --checkpoint runs/toy/vilex_64 --test-split runs/toy/vilex_data_64/test --out "
     "runs/toy/claims_64 --decoder checkpoints/toy/sd --probe assets/toy/probe_64":
         "needs the 64-px ViLex run against a mini SD that passed its gate; tests/test_toy_sd.py runs it on stand-ins",
+    "vilex pretrain --config configs/vilex/toy_64.yaml --resume checkpoints/toy/vilex_64_resume/checkpoint-3446 "
+    "--set train.max_minutes=118": "two hours of training against the committed mini SD, which the sandbox does not "
+                                   "link; tests/test_toy_sd.py runs this config on stand-ins",
+    "vilex toy claims --checkpoint runs/toy/vilex_64 --test-split runs/toy/vilex_data_64/val --out "
+    "runs/toy/claims_64_val --n 64 --decoder checkpoints/toy/sd --probe assets/toy/probe_64 --tfg-scale 1.25":
+        "needs the 64-px ViLex run; tests/test_toy_sd.py runs the claims on stand-ins",
+    "python scripts/toy/tfg_sweep.py --checkpoint runs/toy/vilex_64 --split runs/toy/vilex_data_64/val --decoder "
+    "checkpoints/toy/sd --probe assets/toy/probe_64 --tokens 16 --scales 1 1.25 1.5 2 3":
+        "needs the 64-px ViLex run and minutes of sampling",
+    "python scripts/toy/conditioning_loss.py --checkpoint runs/toy/vilex_64 --decoder checkpoints/toy/sd --split "
+    "runs/toy/vilex_data_64/val --n 64 --tokens 1 4 16":
+        "needs the 64-px ViLex run; tests/test_conditioning_loss.py checks the pairing of its draws",
     "vilex toy ship-vilex --run runs/toy/vilex --out assets/toy/vilex --n 128":
         "needs the finished toy ViLex run (80 min on CPU) and writes the shipped asset",
     "vilex toy ship-vlm --run runs/toy/vlm/siglip --out assets/toy/vlm/siglip --llm-storage-dtype bfloat16":

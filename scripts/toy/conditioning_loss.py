@@ -37,6 +37,7 @@ def band_losses(decoder, x0: torch.Tensor, conds: dict[str, torch.Tensor], bands
     return out
 
 
+@torch.no_grad()
 def main() -> None:
     from toy.claims import load_test_scenes
     from toy.scenes import world
@@ -77,5 +78,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     main()

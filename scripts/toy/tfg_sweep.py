@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 
+@torch.no_grad()
 def main() -> None:
     from vilex.pipeline import ViLexPipeline
     from toy.claims import D_MIN_EDITS_AS_ASKED, mean_and_ci95, load_test_scenes, tfg_arms, tfg_metrics
@@ -69,5 +70,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     main()
