@@ -60,3 +60,33 @@ def test_band_losses_are_paired_and_ordered():
     # the same seed gives the same table, another seed other draws
     assert band_losses(_Decoder(x0), x0, conds, bands, repeats=3, seed=0) == table
     assert band_losses(_Decoder(x0), x0, conds, bands, repeats=3, seed=1) != table
+
+
+class _X0Decoder:
+    """Predicts x0 straight from its conditioning (the "tokens" are image-shaped): fitting can reach the target."""
+
+    class scheduler:  # noqa: N801 — the attribute the script reads
+        config = type("C", (), {"num_train_timesteps": 1000})()
+
+        @staticmethod
+        def add_noise(x0, noise, t):
+            return x0 + noise
+
+    def encode_text(self, tokens):
+        return tokens * 1.0
+
+    def predict(self, x_t, t, cond):
+        return cond
+
+    def target(self, x0, noise, t):
+        return x0
+
+
+def test_fitted_tokens_lower_the_decoder_loss_from_their_init():
+    fit_free_tokens = runpy.run_path(str(REPO / "scripts" / "toy" / "conditioning_loss.py"))["fit_free_tokens"]
+    x0 = torch.randn(4, 3, 5)
+    init = torch.zeros_like(x0)
+    fitted = fit_free_tokens(_X0Decoder(), x0, init, steps=200, lr=0.05, seed=0, min_t=600)
+    assert init.abs().sum() == 0  # the init is not modified in place
+    assert (fitted - x0).pow(2).mean() < 0.01 * x0.pow(2).mean()
+    assert not fitted.requires_grad

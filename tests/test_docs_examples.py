@@ -138,6 +138,9 @@ ALLOWED: dict[str, str] = {
     "python scripts/toy/conditioning_loss.py --checkpoint runs/toy/vilex_64 --decoder checkpoints/toy/sd --split "
     "runs/toy/vilex_data_64/val --n 64 --tokens 1 4 16":
         "needs the 64-px ViLex run; tests/test_conditioning_loss.py checks the pairing of its draws",
+    "python scripts/toy/conditioning_loss.py --checkpoint runs/toy/vilex_64 --decoder checkpoints/toy/sd --split "
+    "runs/toy/vilex_data_64/val --n 16 --tokens 1 16 --fit-steps 300":
+        "needs the 64-px ViLex run (2 min); tests/test_conditioning_loss.py fits tokens on a stand-in decoder",
     "vilex toy ship-vilex --run runs/toy/vilex --out assets/toy/vilex --n 128":
         "needs the finished toy ViLex run (80 min on CPU) and writes the shipped asset",
     "vilex toy ship-vlm --run runs/toy/vlm/siglip --out assets/toy/vlm/siglip --llm-storage-dtype bfloat16":

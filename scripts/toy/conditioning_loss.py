@@ -8,6 +8,11 @@ flow), averaged per timestep band.
 
     python scripts/toy/conditioning_loss.py --checkpoint runs/toy/vilex_64 --decoder checkpoints/toy/sd \
         --split runs/toy/vilex_data_64/val --n 128 --tokens 1 16
+
+``--fit-steps N`` adds the tokens fitted to each image by the decoder's own loss (no encoder, N Adam steps from the
+encoder's tokens): how far the text-encoder -> cross-attention pathway can take the loss at all. When fitted tokens
+reach the caption's loss and the encoder's do not, the encoder is the bottleneck; when they do not either, the
+pathway is.
 """
 from __future__ import annotations
 
@@ -38,6 +43,26 @@ def band_losses(decoder, x0: torch.Tensor, conds: dict[str, torch.Tensor], bands
 
 
 @torch.no_grad()
+def fit_free_tokens(decoder, x0: torch.Tensor, init: torch.Tensor, steps: int, lr: float, seed: int,
+                    min_t: int = 0) -> torch.Tensor:
+    """Token embeddings fitted per image by the decoder's own loss, no encoder (textual inversion on each image):
+    what the text-encoder -> cross-attention pathway can carry at best. Timesteps uniform in [min_t, T)."""
+    tokens = init.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([tokens], lr=lr)
+    gen = torch.Generator().manual_seed(seed + 1)
+    T = decoder.scheduler.config.num_train_timesteps
+    with torch.enable_grad():
+        for _ in range(steps):
+            noise = torch.randn(x0.shape, generator=gen)
+            t = torch.randint(min_t, T, (x0.shape[0],), generator=gen)
+            x_t = decoder.scheduler.add_noise(x0, noise, t)
+            loss = (decoder.predict(x_t, t, decoder.encode_text(tokens)) - decoder.target(x0, noise, t)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return tokens.detach()
+
+
 def main() -> None:
     from toy.claims import load_test_scenes
     from toy.scenes import world
@@ -53,6 +78,11 @@ def main() -> None:
                     help="timestep band edges")
     ap.add_argument("--repeats", type=int, default=2, help="noise draws per image and band")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fit-steps", type=int, default=0,
+                    help="also fit the largest --tokens count per image by the decoder's loss (from the encoder's "
+                         "tokens; no encoder): the pathway's capacity. Fitted and measured on the same images")
+    ap.add_argument("--fit-lr", type=float, default=1e-2)
+    ap.add_argument("--fit-min-t", type=int, default=0, help="fit on timesteps in [this, T)")
     ap.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
     args = ap.parse_args()
 
@@ -66,6 +96,10 @@ def main() -> None:
     conds.update({name: decoder.encode_text(None, None, decoder.tokenize(text)) for name, text in captions.items()})
     tokens = pipe.encode(images)
     conds.update({f"vilex_{m}": decoder.encode_text(tokens[:, :m]) for m in args.tokens})
+    if args.fit_steps:
+        m = max(args.tokens)
+        fitted = fit_free_tokens(decoder, x0, tokens[:, :m], args.fit_steps, args.fit_lr, args.seed, args.fit_min_t)
+        conds[f"fitted_{m}"] = decoder.encode_text(fitted)
     bands = list(zip(args.bands[:-1], args.bands[1:]))
     table = band_losses(decoder, x0, conds, bands, args.repeats, args.seed)
     print("| conditioning | " + " | ".join(f"t {b}" for b in table["empty"]) + " |")
