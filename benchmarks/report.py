@@ -260,9 +260,10 @@ def group_rows(rows: list[dict[str, Any]], groups: dict[str, list[str]]) -> list
     values the mean over the seeds on the docs every seed logged (so a paired comparison of two groups resamples
     questions with the seeds averaged in). A seed without a score or per-doc log leaves the group without one."""
     by = {(r["model"], r["task"]): r for r in rows}
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
     out = []
     for name, members in groups.items():
-        for task in dict.fromkeys(r["task"] for r in rows):
+        for task in tasks:
             seeds = [by.get((m, task)) for m in members]
             row = {"model": name, "task": task, "metric": "", "score": math.nan, "stderr": None, "ci_low": None,
                    "ci_high": None, "status": "done", "error": "", "mirror": any(r and r["mirror"] for r in seeds)}

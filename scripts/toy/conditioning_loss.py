@@ -42,11 +42,11 @@ def band_losses(decoder, x0: torch.Tensor, conds: dict[str, torch.Tensor], bands
     return out
 
 
-@torch.no_grad()
 def fit_free_tokens(decoder, x0: torch.Tensor, init: torch.Tensor, steps: int, lr: float, seed: int,
                     min_t: int = 0) -> torch.Tensor:
     """Token embeddings fitted per image by the decoder's own loss, no encoder (textual inversion on each image):
-    what the text-encoder -> cross-attention pathway can carry at best. Timesteps uniform in [min_t, T)."""
+    what the text-encoder -> cross-attention pathway can carry at best. Timesteps uniform in [min_t, T). Gradients
+    are on here whatever the caller's mode (``main`` runs without them)."""
     tokens = init.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([tokens], lr=lr)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -63,6 +63,7 @@ def fit_free_tokens(decoder, x0: torch.Tensor, init: torch.Tensor, steps: int, l
     return tokens.detach()
 
 
+@torch.no_grad()
 def main() -> None:
     from toy.claims import load_test_scenes
     from toy.scenes import world
