@@ -90,3 +90,20 @@ def test_fitted_tokens_lower_the_decoder_loss_from_their_init():
     assert init.abs().sum() == 0  # the init is not modified in place
     assert (fitted - x0).pow(2).mean() < 0.01 * x0.pow(2).mean()
     assert not fitted.requires_grad
+
+
+def test_normalised_fit_stays_on_the_poolers_output_set():
+    """With a match_embeddings pooler, fitted tokens are per-token layer-normed then scaled and shifted by the
+    embedding statistics, like the pooler's own outputs, and still lower the loss from their init."""
+    fit_free_tokens = runpy.run_path(str(REPO / "scripts" / "toy" / "conditioning_loss.py"))["fit_free_tokens"]
+    torch.manual_seed(0)
+    x0 = torch.randn(4, 3, 5)
+    pooler = type("P", (), {"embed_std": torch.tensor([0.5, 1.0, 2.0, 1.0, 0.1]),
+                            "embed_mean": torch.tensor([0.0, 1.0, -1.0, 0.0, 0.3])})()
+    raw = torch.randn(4, 3, 5)
+    init = torch.nn.functional.layer_norm(raw, (5,)) * pooler.embed_std + pooler.embed_mean
+    fitted = fit_free_tokens(_X0Decoder(), x0, init, steps=300, lr=0.05, seed=0, pooler=pooler)
+    z = (fitted - pooler.embed_mean) / pooler.embed_std
+    assert torch.allclose(z.mean(-1), torch.zeros(4, 3), atol=1e-4)
+    assert torch.allclose(z.var(-1, unbiased=False), torch.ones(4, 3), atol=1e-2)
+    assert (fitted - x0).pow(2).mean() < 0.8 * (init - x0).pow(2).mean()

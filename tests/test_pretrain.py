@@ -281,3 +281,32 @@ def test_math_attention_with_activation_checkpointing_trains(sd_world, tmp_path)
             f"model.decoder.gradient_checkpointing={checkpointing}")))
         losses[checkpointing] = json.loads((out / "summary.json").read_text())["losses"]
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
+
+
+def test_init_from_starts_a_new_schedule_from_trained_encoder_weights(sd_world, tmp_path):
+    """train.init_from: the encoder starts from a run's latest weights (ViT and pooler), while the step, optimizer
+    and learning rates start fresh; an encoder of another shape is a clear error."""
+    from vilex.errors import UserError
+
+    first = Pretrainer(_cfg(sd_world, tmp_path / "first", "train.max_steps=2", "train.checkpoint_every=2",
+                            "latent_cache.enabled=false"))
+    first.setup()
+    first.run()
+    trained = {k: v.clone() for k, v in first.encoder.state_dict().items()}
+
+    fresh = Pretrainer(_cfg(sd_world, tmp_path / "fresh", "latent_cache.enabled=false"))
+    fresh.setup()
+    second = Pretrainer(_cfg(sd_world, tmp_path / "second", "latent_cache.enabled=false", "train.optim.lr_pooler=5e-5",
+                             f"train.init_from={tmp_path / 'first'}"))
+    second.setup()
+    weights = second.encoder.state_dict()
+    assert all(torch.equal(weights[k], trained[k]) for k in trained)
+    assert not all(torch.equal(fresh.encoder.state_dict()[k], trained[k]) for k in trained)  # training moved them
+    assert second.state.step == 0
+    assert not second.strategy.optimizer.state  # no moments carried over
+    assert {g["name"]: g["initial_lr"] for g in second.strategy.optimizer.param_groups}["pooler"] == 5e-5
+
+    other = Pretrainer(_cfg(sd_world, tmp_path / "other", "latent_cache.enabled=false", "model.pooler.num_tokens=4",
+                            f"train.init_from={tmp_path / 'first'}"))
+    with pytest.raises(UserError, match="does not match"):
+        other.setup()

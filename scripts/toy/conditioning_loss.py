@@ -43,12 +43,22 @@ def band_losses(decoder, x0: torch.Tensor, conds: dict[str, torch.Tensor], bands
 
 
 def fit_free_tokens(decoder, x0: torch.Tensor, init: torch.Tensor, steps: int, lr: float, seed: int,
-                    min_t: int = 0) -> torch.Tensor:
+                    min_t: int = 0, pooler=None) -> torch.Tensor:
     """Token embeddings fitted per image by the decoder's own loss, no encoder (textual inversion on each image):
     what the text-encoder -> cross-attention pathway can carry at best. Timesteps uniform in [min_t, T). Gradients
-    are on here whatever the caller's mode (``main`` runs without them)."""
-    tokens = init.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([tokens], lr=lr)
+    are on here whatever the caller's mode (``main`` runs without them).
+
+    With ``pooler`` (an ``AttentionPooler`` whose output norm is "match_embeddings") the fit stays on the set of
+    tokens that pooler can emit (per-token LayerNorm, then the embedding table's per-dimension scale and shift):
+    whether that output normalisation, not the encoder, limits what the tokens carry."""
+    if pooler is None:
+        params = init.detach().clone().requires_grad_(True)
+        to_tokens = lambda p: p  # noqa: E731
+    else:
+        std, mean = pooler.embed_std.detach(), pooler.embed_mean.detach()
+        params = ((init.detach() - mean) / std).clone().requires_grad_(True)
+        to_tokens = lambda p: torch.nn.functional.layer_norm(p, p.shape[-1:]) * std + mean  # noqa: E731
+    opt = torch.optim.Adam([params], lr=lr)
     gen = torch.Generator().manual_seed(seed + 1)
     T = decoder.scheduler.config.num_train_timesteps
     with torch.enable_grad():
@@ -56,11 +66,12 @@ def fit_free_tokens(decoder, x0: torch.Tensor, init: torch.Tensor, steps: int, l
             noise = torch.randn(x0.shape, generator=gen)
             t = torch.randint(min_t, T, (x0.shape[0],), generator=gen)
             x_t = decoder.scheduler.add_noise(x0, noise, t)
-            loss = (decoder.predict(x_t, t, decoder.encode_text(tokens)) - decoder.target(x0, noise, t)).pow(2).mean()
+            cond = decoder.encode_text(to_tokens(params))
+            loss = (decoder.predict(x_t, t, cond) - decoder.target(x0, noise, t)).pow(2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return tokens.detach()
+        return to_tokens(params).detach()
 
 
 @torch.no_grad()
@@ -84,6 +95,8 @@ def main() -> None:
                          "tokens; no encoder): the pathway's capacity. Fitted and measured on the same images")
     ap.add_argument("--fit-lr", type=float, default=1e-2)
     ap.add_argument("--fit-min-t", type=int, default=0, help="fit on timesteps in [this, T)")
+    ap.add_argument("--fit-normalised", action="store_true",
+                    help="also fit on the pooler's output set (its match_embeddings normalisation): does it limit them?")
     ap.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
     args = ap.parse_args()
 
@@ -101,6 +114,10 @@ def main() -> None:
         m = max(args.tokens)
         fitted = fit_free_tokens(decoder, x0, tokens[:, :m], args.fit_steps, args.fit_lr, args.seed, args.fit_min_t)
         conds[f"fitted_{m}"] = decoder.encode_text(fitted)
+        if args.fit_normalised:
+            fitted = fit_free_tokens(decoder, x0, tokens[:, :m], args.fit_steps, args.fit_lr, args.seed,
+                                     args.fit_min_t, pooler=pipe.encoder.pooler)
+            conds[f"fitted_{m}_normalised"] = decoder.encode_text(fitted)
     bands = list(zip(args.bands[:-1], args.bands[1:]))
     table = band_losses(decoder, x0, conds, bands, args.repeats, args.seed)
     print("| conditioning | " + " | ".join(f"t {b}" for b in table["empty"]) + " |")

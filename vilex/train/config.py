@@ -50,6 +50,10 @@ class TrainConfig(BatchSchedule):
         "auto", help="auto: torch picks the SDPA kernel; math: force the unfused math kernels (faster on CPU at "
                      "small head dims, where the fused kernel's backward dominates: docs/PERFORMANCE.md)")
     optim: OptimConfig = field(default_factory=OptimConfig)
+    init_from: Optional[Path] = cfg_field(
+        None, help="a ViLex checkpoint, `vilex pretrain` checkpoint-<step> or run folder whose encoder weights (ViT "
+                   "and pooler) start this run: a new schedule from trained weights. Not a resume: the step, "
+                   "optimizer, learning rates and data order start fresh (--resume continues a run as it was)")
     ema_decay: Optional[float] = cfg_field(None, gt=0, lt=1, help="EMA of the encoder (null = off)")
     pipeline_weights: Literal["ema", "raw"] = cfg_field(
         "ema", help="the encoder weights each checkpoint's pipeline/ (the ViLex checkpoint every command loads) "

@@ -172,6 +172,10 @@ def plan_pretrain(cfg: Any, resume: str | None = None, processes: int = 1, title
             run.fact(f"optimizer group {name}", state)
         run.fact("schedule", f"warmup {tc.optim.warmup_steps} steps, cosine to {tc.optim.min_lr_ratio:g} × lr; "
                              f"weight decay {tc.optim.weight_decay:g}, grad clip {tc.optim.grad_clip}")
+    if tc.init_from is not None:
+        with run.check("train.init_from"):
+            from vilex.pipeline import resolve_vilex_checkpoint
+            run.fact("encoder init", f"weights from {resolve_vilex_checkpoint(tc.init_from)} (new schedule)")
     run.fact("strategy", f"{tc.strategy}, {tc.precision}")
     if tc.strategy == "deepspeed":
         run.path("deepspeed config", tc.deepspeed_config)

@@ -99,6 +99,8 @@ class Pretrainer(TrainTask):
         self.decoder = self.model.decoder
         self.encoder = self.model.encoder
         self.generator = torch.Generator().manual_seed(tc.seed * 1000 + self.rank)
+        if tc.init_from is not None:
+            load_encoder_weights(self.encoder, tc.init_from, cfg.model.vit)
 
         views = model_views(self.model, cfg.data.train)
         cached = self.decoder.vae is not None and cfg.latent_cache.enabled
@@ -268,6 +270,28 @@ class Pretrainer(TrainTask):
     def summary(self, state: RunState) -> dict[str, Any]:
         return {"images_seen": self.state.images_seen,
                 "data_skipped": self.loader.summary() if hasattr(self.loader, "summary") else {}}
+
+
+def load_encoder_weights(encoder: torch.nn.Module, path: str | Path, vit_config) -> None:
+    """Copy the weights of the ViLex encoder saved at ``path`` (anything ``resolve_vilex_checkpoint`` takes) into
+    ``encoder``; a different architecture is a UserError naming the first parameters that differ."""
+    from vilex.models.encoder import ViLexEncoder
+    from vilex.pipeline import resolve_vilex_checkpoint
+
+    folder = resolve_vilex_checkpoint(path)
+    # the embedding statistics belong to this run's decoder (computed from its table at build), not the source's
+    own_buffers = ("pooler.embed_mean", "pooler.embed_std")
+    source = {k: v for k, v in ViLexEncoder.from_saved(folder, vit_config).state_dict().items() if k not in own_buffers}
+    target = {k: v for k, v in encoder.state_dict().items() if k not in own_buffers}
+    missing = sorted(set(target) - set(source))
+    unexpected = sorted(set(source) - set(target))
+    shapes = sorted(k for k in set(target) & set(source) if target[k].shape != source[k].shape)
+    if missing or unexpected or shapes:
+        raise UserError(f"train.init_from={path}: its encoder does not match this config's (missing "
+                        f"{missing[:3]}, unexpected {unexpected[:3]}, other shapes {shapes[:3]}); init_from needs "
+                        "the same model.vit and model.pooler")
+    encoder.load_state_dict(source, strict=False)
+    log.info("encoder weights from %s", folder)
 
 
 def pretrain(cfg: PretrainConfig, resume: str | None = None) -> dict[str, Any]:
