@@ -298,3 +298,29 @@ def test_channels_last_unet_same_loss(sd_folder):
     a = plain(pixels, x0, generator=torch.Generator().manual_seed(1), num_keep=4)["loss"]
     b = fast(pixels, x0, generator=torch.Generator().manual_seed(1), num_keep=4)["loss"]
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_context_positions_let_the_pooler_tell_where_a_patch_is():
+    """Without position codes the pooler's attention is blind to the patches' order (a ViT whose last features lost
+    their positions gives it nothing to place objects with); with 'sincos2d' the same features in another order
+    give other tokens. The codes separate every patch of the grid, rows and columns alike."""
+    from vilex.models.encoder import AttentionPooler, sincos_positions
+
+    codes = sincos_positions(64, 32)
+    assert codes.shape == (64, 32) and torch.cdist(codes, codes).add(torch.eye(64)).min() > 0.1
+    grid = codes.view(8, 8, 32)  # (row, column, channel)
+    assert torch.equal(grid[:, :1, :16].expand(8, 8, 16), grid[..., :16])  # first half: the row only
+    assert torch.equal(grid[:1, :, 16:].expand(8, 8, 16), grid[..., 16:])  # second half: the column only
+    assert sincos_positions(10, 33).shape == (10, 33)  # not a square, odd width: 1-D codes, zero-padded
+    torch.manual_seed(0)
+    patches = torch.randn(2, 64, 24)
+    shuffled = patches[:, torch.randperm(64)]
+    for positions, order_matters in (("none", False), ("sincos2d", True)):
+        pooler = AttentionPooler(num_tokens=4, input_width=24, output_width=16, width=32, depth=1, heads=2,
+                                 context_positions=positions).eval()
+        with torch.no_grad():
+            same = torch.allclose(pooler(patches), pooler(shuffled), atol=1e-5)
+        assert same != order_matters, positions
+    with pytest.raises(UserError, match="context_positions"):
+        AttentionPooler(num_tokens=4, input_width=24, output_width=16, width=32, depth=1, heads=2,
+                        context_positions="learned")

@@ -22,6 +22,7 @@ from vilex.config import cfg_field
 from vilex.errors import ConfigError
 
 OutputNorm = Literal["match_embeddings", "layernorm", "none"]
+ContextPositions = Literal["none", "sincos2d"]
 TailDropDistribution = Literal["uniform", "short"]
 DecoderDType = Literal["float32", "bfloat16"]
 
@@ -60,6 +61,10 @@ class PoolerConfig:
     mlp_ratio: float = cfg_field(4.0, gt=0)
     width: int = cfg_field(1024, ge=1, help="internal width; the output width is the decoder's embedding width")
     output_norm: OutputNorm = cfg_field("match_embeddings", help="how tokens are kept at word-embedding scale")
+    context_positions: ContextPositions = cfg_field(
+        "none", help="'sincos2d': add fixed 2-D sin-cos position codes to the patch tokens the queries attend to "
+                     "(attention is blind to order, and a ViT's last-layer features may have lost where each patch "
+                     "is: docs/EXPERIMENTS.md); 'none': the patch features alone")
 
     def validate(self) -> None:
         if self.width % self.heads:

@@ -3,7 +3,7 @@
 ``AttentionPooler`` (a diffusers ``ModelMixin`` + ``ConfigMixin``, so ``save_pretrained`` /
 ``from_pretrained`` with safetensors + config.json come for free):
 
-    patch tokens (B, L, C) -> LayerNorm -> Linear(C, width)                      (shared keys/values)
+    patch tokens (B, L, C) -> LayerNorm -> Linear(C, width) [+ 2-D sin-cos positions] (shared keys/values)
     n learned position-specific queries (n, width), then `depth` pre-norm blocks of
         [self-attention over the queries, cross-attention queries -> patch tokens, MLP]
     -> LayerNorm -> Linear(width, D) -> output normalisation -> ViLex tokens (B, n, D)
@@ -85,6 +85,22 @@ class _PoolerBlock(nn.Module):
         return queries + self.mlp(self.norm_mlp(queries))
 
 
+def sincos_positions(length: int, width: int) -> torch.Tensor:
+    """(length, width) fixed position codes: 2-D sin-cos on the square grid of ``length`` patches (half the
+    channels code the row, half the column), 1-D over the sequence when ``length`` is not a square."""
+    side = round(length ** 0.5)
+    coords = [torch.arange(length) // side, torch.arange(length) % side] if side * side == length \
+        else [torch.arange(length)]
+    part = width // (2 * len(coords))
+    freqs = 1.0 / (10000 ** (torch.arange(part, dtype=torch.float32) / max(part, 1)))
+    codes = []
+    for c in coords:
+        angles = c.float()[:, None] * freqs[None]
+        codes += [angles.sin(), angles.cos()]
+    out = torch.cat(codes, dim=-1)
+    return F.pad(out, (0, width - out.shape[-1]))
+
+
 class AttentionPooler(ModelMixin, ConfigMixin):
     """n learned queries cross-attend to ViT patch tokens; output tokens live in word-embedding space."""
 
@@ -93,7 +109,7 @@ class AttentionPooler(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, num_tokens: int, input_width: int, output_width: int, width: int = 1024, depth: int = 5,
                  heads: int = 16, mlp_ratio: float = 4.0, output_norm: str = "match_embeddings",
-                 output_heads: Sequence[int] | None = None) -> None:
+                 output_heads: Sequence[int] | None = None, context_positions: str = "none") -> None:
         super().__init__()
         # A decoder with several text encoders (SDXL) takes each token as the concatenation of one part per
         # encoder: the output projection's rows split into those parts, and each part is normalised on its own,
@@ -105,6 +121,8 @@ class AttentionPooler(ModelMixin, ConfigMixin):
             raise UserError(f"pooler.output_norm: unknown '{output_norm}' (match_embeddings | layernorm | none)")
         if width % heads:
             raise UserError(f"pooler.width ({width}) must be divisible by pooler.heads ({heads})")
+        if context_positions not in ("none", "sincos2d"):
+            raise UserError(f"pooler.context_positions: unknown '{context_positions}' (none | sincos2d)")
         self.context_norm = nn.LayerNorm(input_width)
         self.context_proj = nn.Linear(input_width, width)
         self.queries = nn.Parameter(torch.randn(num_tokens, width) * 0.02)
@@ -128,6 +146,8 @@ class AttentionPooler(ModelMixin, ConfigMixin):
 
     def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
         context = self.context_proj(self.context_norm(patch_tokens.to(self.queries.dtype)))
+        if self.config.context_positions == "sincos2d":
+            context = context + sincos_positions(context.shape[1], context.shape[2]).to(context)
         queries = self.queries.unsqueeze(0).expand(patch_tokens.shape[0], -1, -1)
         for block in self.blocks:
             queries = block(queries, context)
@@ -161,7 +181,8 @@ class ViLexEncoder(nn.Module):
             num_tokens=pooler_config.num_tokens, input_width=tower.hidden_size,
             output_width=int(embedding_table.shape[-1]), width=pooler_config.width, depth=pooler_config.depth,
             heads=pooler_config.heads, mlp_ratio=pooler_config.mlp_ratio, output_norm=pooler_config.output_norm,
-            output_heads=list(output_heads) if output_heads and len(output_heads) > 1 else None)
+            output_heads=list(output_heads) if output_heads and len(output_heads) > 1 else None,
+            context_positions=pooler_config.context_positions)
         pooler.set_embedding_statistics(embedding_table)
         return cls(tower, pooler)
 
