@@ -286,6 +286,23 @@ def test_feature_probe_reads_what_features_carry_and_not_what_they_miss():
     assert informative["smallest_shape"]["n_test"] < 200  # single-object scenes do not ask it
     table = probe_table({"a": informative, "b": blind})
     assert table.splitlines()[0] == "| target | a | b | majority |" and "smallest_shape" in table
+    # one patch's own row: noise features do not say it (2 rows: chance 0.5), features carrying it do
+    assert blind["patch_row"]["chance"] == 0.5 and blind["patch_row"]["accuracy"] < 0.7
+    assert "| patch's own row, from that patch alone |" in table
+
+
+def test_patch_row_probe_reads_positions_that_features_carry():
+    from toy.feature_probe import patch_row_accuracy
+
+    class Placed(_FakeTower):
+        def forward(self, pixel_values):
+            out = super().forward(pixel_values)
+            out.last_hidden_state[:, :, 1] += torch.tensor([0.0, 0.0, 5.0, 5.0])  # patches 2, 3: the second row
+            return out
+
+    images = torch.zeros(40, 3, 16, 16)
+    assert patch_row_accuracy(Placed(False), images, 30) > 0.95
+    assert patch_row_accuracy(_FakeTower(False), images, 30) < 0.7
 
 
 def test_the_committed_mini_sd_met_its_gate_and_warm_starts_its_config():

@@ -67,11 +67,29 @@ def fit_and_score(x_train: np.ndarray, y_train: list[str], x_test: np.ndarray, y
     return float(clf.score(scaler.transform(x_test), y_test))
 
 
+@torch.no_grad()
+def patch_row_accuracy(vision_model: Any, images: torch.Tensor, n_train: int) -> float:
+    """How well ONE last-layer patch feature tells its own grid row (logistic probe, fitted on the patches of the
+    first ``n_train`` images, scored on the rest; chance 1 / rows). An attention pooler sees the patches as a set:
+    what a patch feature does not say about where it is, the pooler cannot know without position codes."""
+    vision_model.eval()
+    hidden = torch.cat([vision_model(pixel_values=images[i:i + 128]).last_hidden_state.float()
+                        for i in range(0, len(images), 128)]).numpy()
+    n, patches, width = hidden.shape
+    side = round(patches ** 0.5)
+    rows = np.tile(np.arange(patches) // side, n).astype(str)
+    x = hidden.reshape(-1, width)
+    cut = n_train * patches
+    return fit_and_score(x[:cut], list(rows[:cut]), x[cut:], list(rows[cut:]))
+
+
 def probe_tower(vision_model: Any, seed: int = 7, n_train: int = 1500, n_test: int = 500) -> dict[str, Any]:
-    """{target: {"mean": acc, "tokens": acc, "majority": acc, "n_test": n}} for one tower."""
+    """{target: {"mean": acc, "tokens": acc, "majority": acc, "n_test": n}} for one tower, and "patch_row":
+    ``patch_row_accuracy`` on a tenth of the scenes."""
     size = int(vision_model.config.image_size)
     scenes = heldout_scenes(seed, n_train + n_test)
-    feats = tower_features(vision_model, images_to_unit_range(render_batch(scenes, size)))
+    images = images_to_unit_range(render_batch(scenes, size))
+    feats = tower_features(vision_model, images)
     out: dict[str, Any] = {}
     for name, label in TARGETS.items():
         labels = [label(s) for s in scenes]
@@ -82,6 +100,10 @@ def probe_tower(vision_model: Any, seed: int = 7, n_train: int = 1500, n_test: i
         result = {pool: round(fit_and_score(f[train], y_train, f[test], y_test), 4) for pool, f in feats.items()}
         out[name] = {**result, "majority": round(float(np.mean([y == majority for y in y_test])), 4),
                      "n_test": len(test)}
+    few = max(2, (n_train + n_test) // 10)
+    side = round((feats["tokens"].shape[1] // feats["mean"].shape[1]) ** 0.5)
+    out["patch_row"] = {"accuracy": round(patch_row_accuracy(vision_model, images[:few], few * 3 // 4), 4),
+                        "chance": round(1 / side, 4)}
     return out
 
 
@@ -92,6 +114,10 @@ def probe_table(results: dict[str, dict[str, Any]], pooling: str = "tokens") -> 
     for target in TARGETS:
         row = [f"{results[t][target][pooling]:.3f}" for t in towers]
         lines.append(f"| {target} | {' | '.join(row)} | {results[towers[0]][target]['majority']:.3f} |")
+    if all("patch_row" in results[t] for t in towers):  # one patch's own row: the same for either pooling
+        row = [f"{results[t]['patch_row']['accuracy']:.3f}" for t in towers]
+        lines.append(f"| patch's own row, from that patch alone | {' | '.join(row)} | "
+                     f"{results[towers[0]]['patch_row']['chance']:.3f} (chance) |")
     return "\n".join(lines)
 
 
